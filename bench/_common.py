@@ -1,0 +1,110 @@
+"""Shared bench helpers: full-size random checkpoints on disk, timing subprocesses, I/O floor.
+
+Benchmarks are never run by the test suite. Every ratio is against a baseline measured in the
+same run, because these machines are noisy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(os.environ.get("CONVKIT_BENCH_DATA", Path(__file__).parent / "data"))
+
+
+def full_size_checkpoint(arch: str = "sdxl", dtype: str = "F32") -> Path:
+    """A full-size checkpoint with the real single-file key names and shapes, random values.
+
+    Generated once (streaming, through convkit's own writer) and kept in bench/data/.
+    """
+    from convkit.tiny.full_size import full_size_shapes
+    from convkit.writer import OutSpec, SafetensorsWriter
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / f"{arch}_full_{dtype.lower()}.safetensors"
+    if path.exists():
+        return path
+    shapes = full_size_shapes(arch)
+    specs = [OutSpec(k, "I64" if k.endswith("position_ids") else dtype, tuple(s))
+             for k, s in shapes.items()]
+    total = sum(s.nbytes for s in specs)
+    print(f"generating {path} ({len(specs)} tensors, {total / 1e9:.2f} GB) ...", file=sys.stderr)
+    g = torch.Generator().manual_seed(0)
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    t0 = time.perf_counter()
+    with SafetensorsWriter(path, specs, {"convkit.bench": "random full-size " + arch}) as w:
+        for s in specs:
+            if s.dtype == "I64":
+                t = torch.arange(math.prod(s.shape), dtype=torch.int64).reshape(s.shape)
+            else:
+                t = (torch.randn(s.shape, generator=g) * 0.02).to(tdt)
+            w.write(s.name, t)
+    print(f"generated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return path
+
+
+def run_measured(code: str, *args: str) -> dict:
+    """Run python code in a fresh process; it prints one JSON line. Adds wall time + peak RSS."""
+    wrapper = (
+        "import json, resource, sys, time\n"
+        "t0 = time.perf_counter()\n"
+        f"{code}\n"
+        "r = {'seconds': time.perf_counter() - t0,\n"
+        "     'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}\n"
+        "print('RESULT ' + json.dumps(r))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"],
+                "returncode": p.returncode}
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[7:])
+
+
+IO_FLOOR = """
+import os, sys
+src, dst, out_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+CH = 64 << 20
+buf = bytearray(CH)
+fi = os.open(src, os.O_RDONLY)
+size = os.fstat(fi).st_size
+ratio = out_bytes / size
+written = 0
+with open(dst, 'wb') as fo:
+    off = 0
+    mv = memoryview(buf)
+    while off < size:
+        n = os.preadv(fi, [mv], off)
+        off += n
+        want = int(off * ratio) - written
+        if want > 0:
+            fo.write(mv[:want])
+            written += want
+    fo.flush(); os.fsync(fo.fileno())
+os.close(fi)
+"""
+
+
+def drop(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def report(rows: list[tuple[str, dict]], baseline: str) -> str:
+    base = dict(rows)[baseline]["seconds"]
+    out = [f"{'variant':<28} {'seconds':>9} {'x floor':>8} {'peak RSS MB':>12}"]
+    for name, r in rows:
+        if "error" in r:
+            out.append(f"{name:<28} failed: {r['error']}")
+            continue
+        out.append(f"{name:<28} {r['seconds']:>9.2f} {r['seconds'] / base:>8.3f} "
+                   f"{r['peak_rss_mb']:>12.0f}")
+    return "\n".join(out)

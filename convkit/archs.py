@@ -1,0 +1,201 @@
+"""Architectures as data: load formats/*.toml and detect what a tensor source holds.
+
+Detection looks at key names and tensor ranks only (never at absolute sizes), so it works on
+full-size checkpoints and on tiny test models of the same structure alike.
+"""
+from __future__ import annotations
+
+import functools
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+
+from .errors import UnknownArchitectureError, UnknownNameError
+from .sources.base import TensorSource
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str            # diffusers folder name: unet, transformer, text_encoder, ...
+    kind: str            # diffusion_model | text_encoder | vae
+    aliases: tuple[str, ...]
+    params: int | None   # full-size released model
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    naming: str          # sgm | bfl | diffusers
+    prefixes: dict[str, str]
+    folder: bool = False
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    title: str
+    gguf_arch: str
+    pipeline: str
+    components: dict[str, Component]
+    layouts: tuple[Layout, ...]
+    detect: dict[str, dict]
+    source_file: str = ""
+
+    def layout(self, name: str) -> Layout:
+        for lay in self.layouts:
+            if lay.name == name:
+                return lay
+        raise UnknownNameError(f"layout of {self.name}", name, [x.name for x in self.layouts])
+
+    @property
+    def diffusion_component(self) -> str:
+        return next(c.name for c in self.components.values() if c.kind == "diffusion_model")
+
+
+def _parse(text: str, filename: str) -> Arch:
+    d = tomllib.loads(text)
+    comps = {n: Component(n, c["kind"], tuple(c.get("aliases", [])), c.get("params"))
+             for n, c in d["components"].items()}
+    layouts = tuple(Layout(x["name"], x["naming"], dict(x["prefixes"]), x.get("folder", False),
+                           x.get("title", "")) for x in d["layouts"])
+    return Arch(d["name"], d.get("title", d["name"]), d.get("gguf_arch", d["name"]),
+                d.get("pipeline", ""), comps, layouts, d.get("detect", {}), filename)
+
+
+@functools.cache
+def load_all() -> dict[str, Arch]:
+    """Every architecture data file shipped in formats/ (package ``convkit.formats``)."""
+    out = {}
+    for entry in sorted(resources.files("convkit.formats").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            arch = _parse(entry.read_text(encoding="utf-8"), entry.name)
+            out[arch.name] = arch
+    return out
+
+
+def get(name: str) -> Arch:
+    archs = load_all()
+    if name not in archs:
+        raise UnknownNameError("architecture", name, archs)
+    return archs[name]
+
+
+@dataclass
+class Detection:
+    arch: Arch
+    layout: Layout
+    component_keys: dict[str, list[str]] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+
+    def component_of(self, key: str) -> str | None:
+        return self._owner.get(key)
+
+    def __post_init__(self):
+        self._owner = {k: c for c, ks in self.component_keys.items() for k in ks}
+
+    def strip(self, key: str) -> str:
+        """The key without its component prefix."""
+        comp = self.component_of(key)
+        return key[len(self.layout.prefixes[comp]):] if comp else key
+
+
+def _check(arch: Arch, layout: Layout, src: TensorSource) -> list[str]:
+    """Missing/forbidden evidence for (arch, layout); empty means it matches."""
+    rules = arch.detect.get(layout.naming)
+    if not rules:
+        return ["no detection rules"]
+    problems = []
+
+    def full(ref: str) -> str | None:
+        comp, _, key = ref.partition(":")
+        return None if comp not in layout.prefixes else layout.prefixes[comp] + key
+
+    for ref in rules.get("require", []):
+        k = full(ref)
+        if k is None or k not in src:
+            problems.append(f"missing {k or ref}")
+    for ref in rules.get("forbid", []):
+        k = full(ref)
+        if k is not None and k in src:
+            problems.append(f"has {k}")
+    for ref, nd in rules.get("ndim", {}).items():
+        k = full(ref)
+        if k is not None and k in src and len(src.info(k).shape) != nd:
+            problems.append(f"{k} is {len(src.info(k).shape)}-D, expected {nd}-D")
+    return problems
+
+
+def assign(layout: Layout, keys) -> tuple[dict[str, list[str]], list[str]]:
+    """Give each key to the component with the longest matching prefix."""
+    order = sorted(layout.prefixes.items(), key=lambda kv: -len(kv[1]))
+    comps: dict[str, list[str]] = {c: [] for c in layout.prefixes}
+    rest = []
+    for k in keys:
+        for comp, prefix in order:
+            if k.startswith(prefix):
+                comps[comp].append(k)
+                break
+        else:
+            rest.append(k)
+    return {c: ks for c, ks in comps.items() if ks}, rest
+
+
+def key_groups(keys, depth: int = 2, top: int = 6) -> str:
+    c = Counter(".".join(k.replace("/", ".").split(".")[:depth]) + "." for k in keys)
+    return ", ".join(f"{g}* ({n})" for g, n in c.most_common(top))
+
+
+def detect(src: TensorSource) -> Detection:
+    """Which architecture and layout ``src`` is; raises UnknownArchitectureError otherwise."""
+    matches = []
+    near = []
+    for arch in load_all().values():
+        for layout in arch.layouts:
+            if layout.folder != (src.format == "diffusers"):
+                continue
+            problems = _check(arch, layout, src)
+            if not problems:
+                comps, rest = assign(layout, src.keys())
+                matches.append((len(src) - len(rest), arch, layout, comps, rest))
+            else:
+                near.append((len(problems), arch, layout, problems))
+    if matches:
+        matches.sort(key=lambda m: -m[0])
+        _, arch, layout, comps, rest = matches[0]
+        return Detection(arch, layout, comps, rest)
+    raise UnknownArchitectureError(_describe_unknown(src, near), path=src.path,
+                                   hint="known: " + ", ".join(load_all()) +
+                                   "; pass --no-detect to treat it as plain tensors")
+
+
+def _describe_unknown(src: TensorSource, near) -> str:
+    keys = src.keys()
+    parts = [f"unknown architecture ({len(keys)} tensors"]
+    if any("lora_" in k or ".lora_A." in k or "hada_" in k or "lokr_" in k for k in keys[:2000]):
+        parts.append("; this looks like a LoRA, not a checkpoint")
+    parts.append(f"; recognised key groups: {key_groups(keys)}")
+    if near:
+        near.sort(key=lambda n: n[0])
+        n, arch, layout, problems = near[0]
+        parts.append(f"; closest: {arch.name}/{layout.name}, {problems[0]}")
+    parts.append(")")
+    return "".join(parts)
+
+
+def select_components(arch: Arch, spec: str | None, present) -> list[str]:
+    """'unet,te' -> ['unet', 'text_encoder', 'text_encoder_2'] (in arch order, present only)."""
+    if not spec:
+        return [c for c in arch.components if c in present]
+    wanted = set()
+    for raw in spec.split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        hits = [c.name for c in arch.components.values() if name == c.name or name in c.aliases]
+        if not hits:
+            known = {a for c in arch.components.values() for a in (c.name, *c.aliases)}
+            raise UnknownNameError(f"component of {arch.name}", name, known)
+        wanted.update(hits)
+    return [c for c in arch.components if c in wanted and c in present]

@@ -1,0 +1,75 @@
+"""Float dtype casts (fp32 / fp16 / bf16), registered as ``cast`` converters.
+
+Only floating tensors change; integer and bool tensors (e.g. CLIP's position_ids) are copied.
+Casting to fp16 checks for finite values beyond fp16's range first: they are counted and, by
+policy, clamped to +-65504 (default), kept as inf, or refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import dtypes
+from .errors import TensorValueError, UsageError
+from .registry import register
+
+OVERFLOW_POLICIES = ("clamp", "inf", "error")
+
+
+@dataclass
+class CastContext:
+    on_overflow: str = "clamp"
+    overflows: dict[str, int] = field(default_factory=dict)   # tensor -> count of values
+    path: str | None = None
+
+    def __post_init__(self):
+        if self.on_overflow not in OVERFLOW_POLICIES:
+            raise UsageError(f"--on-overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+
+
+def target_dtype(src_dtype: str, target: str) -> str:
+    """What a tensor of ``src_dtype`` becomes when cast to ``target`` (non-floats stay)."""
+    return target if dtypes.is_float(src_dtype) else src_dtype
+
+
+def _cast(name: str, t: torch.Tensor, target: str, ctx: CastContext) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t
+    tdt = dtypes.to_torch(target)
+    if t.dtype == tdt:
+        return t
+    limit = dtypes.finite_max(target)
+    if t.numel() and dtypes.finite_max(dtypes.from_torch(t.dtype)) > limit:
+        lo, hi = torch.aminmax(t)
+        if hi.item() > limit or lo.item() < -limit:
+            over = ((t.abs() > limit) & torch.isfinite(t)).sum().item()
+            if over:
+                ctx.overflows[name] = int(over)
+                if ctx.on_overflow == "error":
+                    raise TensorValueError(
+                        f"{over} values exceed the {target} range (|x| > {limit:g})", path=ctx.path,
+                        key=name, hint="use --dtype bf16, or --on-overflow clamp")
+                if ctx.on_overflow == "clamp":
+                    return t.clamp(-limit, limit).to(tdt)
+    return t.to(tdt)
+
+
+@register("cast", "fp16", "F16", "float16")
+def to_fp16(name: str, t: torch.Tensor, ctx: CastContext) -> torch.Tensor:
+    return _cast(name, t, "F16", ctx)
+
+
+@register("cast", "bf16", "BF16", "bfloat16")
+def to_bf16(name: str, t: torch.Tensor, ctx: CastContext) -> torch.Tensor:
+    return _cast(name, t, "BF16", ctx)
+
+
+@register("cast", "fp32", "F32", "float32")
+def to_fp32(name: str, t: torch.Tensor, ctx: CastContext) -> torch.Tensor:
+    return _cast(name, t, "F32", ctx)
+
+
+CAST_TARGET = {"fp16": "F16", "bf16": "BF16", "fp32": "F32",
+               "F16": "F16", "BF16": "BF16", "F32": "F32", "float16": "F16",
+               "bfloat16": "BF16", "float32": "F32"}

@@ -1,0 +1,114 @@
+"""``convkit demo``: the main job, end to end, on a tiny model built on the spot.
+
+1. build a tiny model from the real diffusers/transformers classes (fixed seed) and save it as
+   a single-file checkpoint in the real SGM/LDM key layout, fp32, and as a diffusers folder;
+2. inspect it;
+3. convert it to fp16 (and the folder to bf16), streaming;
+4. reopen every output and check every tensor: names, shapes, dtypes, and values equal to
+   a direct cast of the source (bit-exact), plus an fp16 -> fp32 -> fp16 lossless round trip.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import archs
+from .convert import convert
+from .errors import ConvkitError
+from .inspection import inspect
+from .sources import open_source
+
+
+class DemoCheckFailed(ConvkitError, AssertionError):
+    exit_code = 9
+
+
+def _check_cast(src_path: Path, out_path: Path, dtype: torch.dtype) -> int:
+    """Every output tensor equals the source tensor cast to ``dtype``; returns tensors checked."""
+    with open_source(src_path) as a, open_source(out_path) as b:
+        if a.keys() != b.keys():
+            missing = set(a.keys()) ^ set(b.keys())
+            raise DemoCheckFailed(f"key sets differ ({len(missing)} keys)", path=out_path)
+        for k in a.keys():
+            x, y = a.load(k), b.load(k)
+            want = x.to(dtype) if x.is_floating_point() else x
+            if y.dtype != want.dtype or y.shape != want.shape or not torch.equal(y, want):
+                raise DemoCheckFailed("differs from a direct cast of the source", path=out_path,
+                                      key=k)
+        return len(a)
+
+
+def run_demo(out_dir, arch: str = "sdxl", echo: Callable[[str], None] | None = None,
+             overwrite: bool = True) -> dict:
+    from . import tiny
+
+    say = echo or (lambda s: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report: dict = {"arch": arch, "out_dir": str(out), "steps": []}
+
+    def step(name: str, **kw):
+        report["steps"].append({"step": name, **kw})
+
+    model = tiny.build(arch, seed=0)
+    layout = "sgm" if not arch.startswith("flux") else "comfy"
+    single = out / f"tiny-{arch}-fp32.safetensors"
+    tiny.save_single_file(model, single, dtype=torch.float32, layout=layout)
+    folder = out / f"tiny-{arch}-diffusers"
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tiny.save_diffusers(model, folder)
+    say(f"built tiny {arch} from {model.pipeline_class_name} components "
+        f"({sum(model.param_counts().values()):,d} params): {single.name}, {folder.name}/")
+    step("build", single=str(single), folder=str(folder), params=model.param_counts())
+
+    info = inspect(single)
+    comps = ", ".join(f"{c} {v['tensors']}" for c, v in info["components"].items())
+    say(f"inspect: {info['architecture']} / {info['layout']}; {info['tensors']} tensors ({comps})")
+    if info["architecture"] != archs.get(arch).name:
+        raise DemoCheckFailed(f"detected as {info['architecture']}, built as {arch}", path=single)
+    step("inspect", architecture=info["architecture"], layout=info["layout"],
+         components={c: v["tensors"] for c, v in info["components"].items()})
+
+    fp16 = out / f"tiny-{arch}-fp16.safetensors"
+    r = convert(single, fp16, "fp16", overwrite=overwrite)
+    n = _check_cast(single, fp16, torch.float16)
+    say(f"convert fp32 -> fp16: {fp16.name} ({fp16.stat().st_size:,d} B, "
+        f"{single.stat().st_size / fp16.stat().st_size:.2f}x smaller); {n} tensors verified")
+    step("convert", dtype="fp16", output=str(fp16), tensors_verified=n, bytes=fp16.stat().st_size)
+
+    back32 = out / f"tiny-{arch}-fp16-to-fp32.safetensors"
+    again16 = out / f"tiny-{arch}-fp16-roundtrip.safetensors"
+    convert(fp16, back32, "fp32", overwrite=overwrite)
+    convert(back32, again16, "fp16", overwrite=overwrite)
+    _check_cast(fp16, back32, torch.float32)
+    n = _check_cast(fp16, again16, torch.float16)
+    say(f"round trip fp16 -> fp32 -> fp16: bit-exact on {n} tensors")
+    step("roundtrip", tensors_verified=n)
+
+    unet = out / f"tiny-{arch}-unet-bf16.safetensors"
+    r = convert(single, unet, "bf16", components="unet", overwrite=overwrite)
+    say(f"convert --components unet --dtype bf16: {unet.name} ({len(r.plan.items)} tensors)")
+    step("convert-unet", output=str(unet), tensors=len(r.plan.items))
+
+    folder16 = out / f"tiny-{arch}-diffusers-fp16"
+    convert(folder, folder16, "fp16", overwrite=overwrite)
+    with open_source(folder) as a, open_source(folder16) as b:
+        bad = [k for k in a.keys() if not torch.equal(
+            b.load(k), a.load(k).half() if a.load(k).is_floating_point() else a.load(k))]
+        if bad or a.keys() != b.keys():
+            raise DemoCheckFailed("diffusers fp16 folder differs", path=folder16,
+                                  key=bad[0] if bad else None)
+        n = len(a)
+    say(f"convert diffusers folder -> fp16 folder: {folder16.name}/ ({n} tensors verified)")
+    step("convert-folder", output=str(folder16), tensors_verified=n)
+
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["ok"] = True
+    say(f"demo ok in {report['seconds']} s; files in {out}/")
+    return report

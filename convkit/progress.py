@@ -1,0 +1,26 @@
+"""Progress display: a tqdm bar on stderr, off for --quiet/--json or when asked."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+class _Null:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+class Progress:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def bar(self, total: int, desc: str = ""):
+        if not self.enabled:
+            yield _Null()
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                  file=sys.stderr, leave=False, dynamic_ncols=True) as t:
+            yield t

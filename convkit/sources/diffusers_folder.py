@@ -1,0 +1,103 @@
+"""diffusers folders: model_index.json + one folder per component, single or sharded weights.
+
+Keys are exposed as ``<component>/<name>`` (``unet/conv_in.weight``), so a folder looks like one
+flat checkpoint whose component prefixes are folder names. A lone component folder (config.json
+plus weights, no model_index.json) is read with no prefix.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import InputFormatError
+from .base import TensorInfo, TensorSource
+
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+
+def component_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The weight files of one component folder, preferring safetensors, honouring shards."""
+    for stem in WEIGHT_NAMES:
+        base = f"{stem}.{variant}" if variant else stem
+        index = folder / f"{base}.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputFormatError("shard index has no weight_map", path=index) from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (folder / f).exists()]
+            if missing:
+                raise InputFormatError(f"shard(s) missing: {', '.join(missing)}", path=index,
+                                       hint="the download is incomplete")
+            return [folder / f for f in files]
+        single = folder / f"{base}.safetensors"
+        if single.exists():
+            return [single]
+    for stem in WEIGHT_NAMES:
+        base = f"{stem}.{variant}" if variant else stem
+        for ext in (".bin", ".pt"):
+            if (folder / f"{base}{ext}").exists():
+                return [folder / f"{base}{ext}"]
+    return []
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").exists()
+                              or ((path / "config.json").exists()
+                                  and bool(component_weight_files(path))))
+
+
+class DiffusersFolder(TensorSource):
+    def __init__(self, path, variant: str | None = None):
+        from . import open_file  # late import: the package module imports us
+
+        path = Path(path)
+        super().__init__(path=path, format="diffusers")
+        self.components: dict[str, list[Path]] = {}
+        self.model_index: dict = {}
+        self._parts: dict[str, tuple[TensorSource, str]] = {}
+        self._sources: list[TensorSource] = []
+        if (path / "model_index.json").exists():
+            try:
+                self.model_index = json.loads((path / "model_index.json").read_text())
+            except json.JSONDecodeError as e:
+                raise InputFormatError(f"model_index.json is not valid JSON ({e})", path=path) from None
+            names = [k for k, v in self.model_index.items()
+                     if not k.startswith("_") and isinstance(v, list)]
+            prefixes = {n: f"{n}/" for n in names}
+        else:
+            prefixes = {"": ""}
+        for comp, prefix in prefixes.items():
+            folder = path / comp if comp else path
+            files = component_weight_files(folder, variant) if folder.is_dir() else []
+            if not files:
+                continue
+            self.components[comp] = files
+            for f in files:
+                src = open_file(f)
+                self._sources.append(src)
+                for info in src.infos():
+                    key = prefix + info.name
+                    self._infos[key] = TensorInfo(key, info.dtype, info.shape, info.nbytes,
+                                                  info.storage)
+                    self._parts[key] = (src, info.name)
+                if not self.metadata and src.metadata:
+                    self.metadata = dict(src.metadata)
+        if not self._infos:
+            raise InputFormatError("no weight files found (expected <component>/"
+                                   "diffusion_pytorch_model.safetensors or model.safetensors)",
+                                   path=path)
+
+    def _load(self, name: str) -> torch.Tensor:
+        src, inner = self._parts[name]
+        return src.load(inner)
+
+    def files(self) -> list[Path]:
+        return [f for fs in self.components.values() for f in fs]
+
+    def close(self) -> None:
+        for s in self._sources:
+            s.close()

@@ -1,0 +1,321 @@
+"""Streaming safetensors writer: header first, then one tensor at a time.
+
+The header is known up front from the plan (names, dtypes, shapes), so each tensor is written
+as soon as it is produced and then dropped. Output goes to a temp file in the target directory
+and is renamed into place only after every tensor was written and flushed; on any error or
+Ctrl-C the temp file is removed. A background thread does the writing so that reading and
+converting the next tensor overlaps with writing the previous one.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from . import dtypes
+from .errors import DiskSpaceError, OutputError, OutputExistsError, UsageError, raise_all
+
+ALIGN = 8
+SPACE_MARGIN = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    """One tensor the writer will receive: name, safetensors dtype, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+
+def build_header(specs: Sequence[OutSpec], metadata: dict[str, str] | None) -> bytes:
+    """The safetensors header bytes (length prefix + JSON padded with spaces to 8 bytes)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    seen = set()
+    for s in specs:
+        if s.name in seen:
+            raise UsageError(f"duplicate output tensor name '{s.name}'")
+        seen.add(s.name)
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % ALIGN)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def check_output(out: Path, inputs: Iterable[Path], overwrite: bool, need_bytes: int,
+                 is_dir: bool = False) -> list:
+    """Everything that would stop us writing ``out``, found before any work is done."""
+    problems = []
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        problems.append(OutputError("output directory does not exist", path=parent,
+                                    hint="create it first or choose another output path"))
+        return problems
+    if not _writable(parent):
+        problems.append(OutputError("output directory is not writable", path=parent,
+                                    hint="choose a writable location"))
+        return problems
+    out_res = out.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if p == out_res or (is_dir and out_res in p.parents) or (out.exists() and _same(p, out)):
+            problems.append(UsageError("output would overwrite an input", path=out,
+                                       hint="choose a different output path"))
+            return problems
+    if out.exists() and not overwrite:
+        problems.append(OutputExistsError("output already exists", path=out,
+                                          hint="pass --overwrite to replace it"))
+    if out.exists() and is_dir != out.is_dir():
+        problems.append(OutputExistsError("output exists and is a " +
+                                          ("folder" if out.is_dir() else "file"), path=out))
+    if not problems and need_bytes:
+        free = disk_free(parent)
+        if free < need_bytes + SPACE_MARGIN:
+            problems.append(DiskSpaceError(
+                f"not enough disk space: need {_gb(need_bytes)}, {_gb(free)} free", path=parent,
+                hint="free some space or write elsewhere"))
+    return problems
+
+
+def _writable(folder: Path) -> bool:
+    """Really try to create a file (os.access says yes to root on read-only mounts)."""
+    probe = folder / f".convkit-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def temp_path_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.convkit-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _os_error(e: OSError, path: Path) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError("disk full while writing; nothing was kept", path=path,
+                              hint="free some space or write elsewhere")
+    return OutputError(f"cannot write ({e.strerror or e})", path=path)
+
+
+class SafetensorsWriter:
+    """Write one safetensors file from a known list of tensors, streaming and atomically.
+
+    Use as a context manager: leaving the block normally commits (rename into place), leaving it
+    by an exception (Ctrl-C included) removes the temp file. ``final_path`` may be inside a
+    staging folder that a :class:`FolderStage` renames as a whole.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: Sequence[OutSpec],
+                 metadata: dict[str, str] | None = None, *, threaded: bool = True,
+                 queue_depth: int = 2):
+        self.path = Path(path)
+        self.specs = list(specs)
+        self._index = {s.name: i for i, s in enumerate(self.specs)}
+        self._next = 0
+        self._header = build_header(self.specs, metadata)
+        self.tmp = temp_path_for(self.path)
+        self._f = None
+        self._threaded = threaded
+        self._q: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._err: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.bytes_written = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> "SafetensorsWriter":
+        try:
+            self._f = open(self.tmp, "xb")
+            self._f.write(self._header)
+        except OSError as e:
+            self._cleanup()
+            raise _os_error(e, self.path) from None
+        if self._threaded:
+            self._thread = threading.Thread(target=self._drain, name="convkit-writer", daemon=True)
+            self._thread.start()
+        return self
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand over the next tensor (in spec order); it is written and then released."""
+        if self._next >= len(self.specs):
+            raise UsageError(f"unexpected extra tensor '{name}'", path=self.path)
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise UsageError(f"tensor '{name}' written out of order (expected '{spec.name}')",
+                             path=self.path)
+        if dtypes.from_torch(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise UsageError(f"got {dtypes.from_torch(tensor.dtype)}{list(tensor.shape)}, planned "
+                             f"{spec.dtype}{list(spec.shape)}", path=self.path, key=name)
+        self._next += 1
+        data = tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else None
+        if self._threaded:
+            self._raise_if_failed()
+            while True:
+                try:
+                    self._q.put(data, timeout=0.2)
+                    break
+                except queue.Full:
+                    self._raise_if_failed()
+        else:
+            self._write_checked(data)
+
+    def commit(self) -> Path:
+        try:
+            self._stop_thread()
+            self._raise_if_failed()
+            if self._next != len(self.specs):
+                missing = self.specs[self._next].name
+                raise UsageError(f"only {self._next} of {len(self.specs)} tensors were written "
+                                 f"(next: '{missing}')", path=self.path)
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                self._f = None
+                os.replace(self.tmp, self.path)
+            except OSError as e:
+                raise _os_error(e, self.path) from None
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._stop_thread()
+        finally:
+            self._cleanup()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _write_bytes(self, data) -> None:
+        if data is None:
+            return
+        mv = memoryview(data.numpy())
+        self._f.write(mv)
+        self.bytes_written += len(mv)
+
+    def _write_checked(self, data) -> None:
+        try:
+            self._write_bytes(data)
+        except OSError as e:
+            raise _os_error(e, self.path) from None
+
+    def _drain(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is _STOP:
+                return
+            if self._err is not None:
+                continue
+            try:
+                self._write_checked(item)
+            except BaseException as e:  # reported to the producer on its next call
+                self._err = e
+
+    def _raise_if_failed(self) -> None:
+        if self._err is not None:
+            err, self._err = self._err, None
+            raise err
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._q.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    def _cleanup(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+            self._f = None
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+_STOP = object()
+
+
+class FolderStage:
+    """Build an output folder under a temp name beside it and rename it into place at the end."""
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+        self.out = Path(out)
+        self.tmp = temp_path_for(self.out)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise _os_error(e, self.out) from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            if self.out.exists():
+                old = temp_path_for(self.out)
+                os.replace(self.out, old)
+                os.replace(self.tmp, self.out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.out)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise _os_error(e, self.out) from None
+
+
+def validate_or_raise(out: Path, inputs: Iterable[Path], overwrite: bool, need_bytes: int,
+                      is_dir: bool = False) -> None:
+    raise_all(check_output(out, inputs, overwrite, need_bytes, is_dir))

@@ -1,0 +1,1 @@
+"""Architecture and format knowledge as data (installed as the package ``convkit.formats``)."""
