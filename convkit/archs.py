@@ -147,8 +147,8 @@ def key_groups(keys, depth: int = 2, top: int = 6) -> str:
     return ", ".join(f"{g}* ({n})" for g, n in c.most_common(top))
 
 
-def detect(src: TensorSource) -> Detection:
-    """Which architecture and layout ``src`` is; raises UnknownArchitectureError otherwise."""
+def candidates(src: TensorSource) -> tuple[list, list]:
+    """(matches, near misses) over every (architecture, layout) pair."""
     matches = []
     near = []
     for arch in load_all().values():
@@ -161,6 +161,12 @@ def detect(src: TensorSource) -> Detection:
                 matches.append((len(src) - len(rest), arch, layout, comps, rest))
             else:
                 near.append((len(problems), arch, layout, problems))
+    return matches, near
+
+
+def detect(src: TensorSource) -> Detection:
+    """Which architecture and layout ``src`` is; raises UnknownArchitectureError otherwise."""
+    matches, near = candidates(src)
     if matches:
         matches.sort(key=lambda m: -m[0])
         _, arch, layout, comps, rest = matches[0]

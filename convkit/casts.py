@@ -50,8 +50,8 @@ def _cast(name: str, t: torch.Tensor, target: str, ctx: CastContext) -> torch.Te
                     raise TensorValueError(
                         f"{over} values exceed the {target} range (|x| > {limit:g})", path=ctx.path,
                         key=name, hint="use --dtype bf16, or --on-overflow clamp")
-                if ctx.on_overflow == "clamp":
-                    return t.clamp(-limit, limit).to(tdt)
+                if ctx.on_overflow == "clamp":  # real inf/NaN in the source stay as they are
+                    return torch.where(torch.isfinite(t), t.clamp(-limit, limit), t).to(tdt)
     return t.to(tdt)
 
 
