@@ -20,7 +20,12 @@ class Component:
     name: str            # diffusers folder name: unet, transformer, text_encoder, ...
     kind: str            # diffusion_model | text_encoder | vae
     aliases: tuple[str, ...]
-    params: int | None   # full-size released model
+    params: int | None   # full-size released model (diffusers parameter count)
+    keymap: str = ""     # key map kind in formats/keymaps (unet, vae, clip_l, openclip, t5, flux)
+    buffers: tuple[str, ...] = ()  # tensors files carry that are not parameters (name suffixes)
+
+    def is_buffer(self, key: str) -> bool:
+        return key.endswith(self.buffers) if self.buffers else False
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Arch:
     layouts: tuple[Layout, ...]
     detect: dict[str, dict]
     source_file: str = ""
+    single_file_layout: str = "sgm"
 
     def layout(self, name: str) -> Layout:
         for lay in self.layouts:
@@ -56,12 +62,14 @@ class Arch:
 
 def _parse(text: str, filename: str) -> Arch:
     d = tomllib.loads(text)
-    comps = {n: Component(n, c["kind"], tuple(c.get("aliases", [])), c.get("params"))
+    comps = {n: Component(n, c["kind"], tuple(c.get("aliases", [])), c.get("params"),
+                          c.get("keymap", ""), tuple(c.get("buffers", [])))
              for n, c in d["components"].items()}
     layouts = tuple(Layout(x["name"], x["naming"], dict(x["prefixes"]), x.get("folder", False),
                            x.get("title", "")) for x in d["layouts"])
     return Arch(d["name"], d.get("title", d["name"]), d.get("gguf_arch", d["name"]),
-                d.get("pipeline", ""), comps, layouts, d.get("detect", {}), filename)
+                d.get("pipeline", ""), comps, layouts, d.get("detect", {}), filename,
+                d.get("single_file_layout", "sgm"))
 
 
 @functools.cache

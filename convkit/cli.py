@@ -45,6 +45,15 @@ class ConvkitGroup(click.Group):
             sys.exit(8)
 
 
+def _quiet_third_party_logs() -> None:
+    """Import-time chatter of optional backends (bitsandbytes, transformers) is not ours to show."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def output_options(f):
     f = click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout.")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")(f)
@@ -66,6 +75,7 @@ def main():
       convkit convert model.safetensors model-fp16.safetensors --dtype fp16
       convkit demo
     """
+    _quiet_third_party_logs()
 
 
 @main.command()
@@ -151,14 +161,14 @@ def convert(input, output, dtype, components, on_overflow, dry_run, overwrite, n
 @click.option("--out", "out_dir", default="convkit-demo", show_default=True,
               type=click.Path(), help="Folder for the demo's files.")
 @click.option("--arch", default="sdxl", show_default=True, help="Tiny model to build.")
-@click.option("--overwrite", is_flag=True, help="Replace earlier demo output.")
 @output_options
-def demo(out_dir, arch, overwrite, quiet, as_json):
+def demo(out_dir, arch, quiet, as_json):
     """Build a tiny real-layout model and run the main job on it, end to end.
 
     Builds a tiny SDXL (real diffusers classes, fixed seed), saves it as an SGM
     single file in fp32, inspects it, converts it to fp16 and back, and checks
-    every tensor of every output by reopening it.
+    every tensor of every output by reopening it. Re-running replaces the
+    demo's own files in the --out folder.
 
     \b
     Examples:
@@ -167,7 +177,7 @@ def demo(out_dir, arch, overwrite, quiet, as_json):
     """
     from .demo import run_demo
 
-    report = run_demo(out_dir, arch=arch, overwrite=overwrite,
+    report = run_demo(out_dir, arch=arch,
                       echo=None if (quiet or as_json) else click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -189,6 +199,11 @@ def parse_size(text: str) -> int:
     except ValueError:
         raise UsageError(f"cannot read size '{text}' (e.g. 5GB, 500MB)") from None
 
+
+# Commands that live beside their library code register themselves on ``main`` when imported.
+# (one import line per command module; keep the list sorted)
+# --- command modules ---
+# --- end command modules ---
 
 if __name__ == "__main__":  # pragma: no cover
     main()

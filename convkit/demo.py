@@ -41,10 +41,27 @@ def _check_cast(src_path: Path, out_path: Path, dtype: torch.dtype) -> int:
         return len(a)
 
 
+def _quiet_savers() -> None:
+    """save_pretrained's own progress bars would interleave with the demo's lines."""
+    try:
+        import transformers.utils.logging as tlog
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - older/newer transformers
+        pass
+    try:
+        import diffusers.utils.logging as dlog
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
 def run_demo(out_dir, arch: str = "sdxl", echo: Callable[[str], None] | None = None,
              overwrite: bool = True) -> dict:
     from . import tiny
 
+    _quiet_savers()
     say = echo or (lambda s: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

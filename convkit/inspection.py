@@ -48,11 +48,12 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
         for comp, keys in groups.items():
             infos = [src.info(k) for k in keys]
             kinds = Counter(i.stored_as for i in infos)
-            params = sum(i.numel for i in infos)
+            spec = det.arch.components.get(comp) if det else None
+            params = sum(i.numel for i in infos if not (spec and spec.is_buffer(i.name)))
             entry = {"tensors": len(infos), "params": params,
                      "bytes": sum(i.nbytes for i in infos), "dtypes": dict(kinds)}
-            if det and comp in det.arch.components:
-                expected = det.arch.components[comp].params
+            if spec is not None:
+                expected = spec.params
                 entry["full_size_params"] = expected
                 entry["full_size"] = expected == params if expected else None
             float_kinds = {k for k in kinds if k not in ("I64", "I32", "I16", "I8", "U8", "BOOL")}
