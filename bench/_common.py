@@ -49,14 +49,31 @@ def full_size_checkpoint(arch: str = "sdxl", dtype: str = "F32") -> Path:
     return path
 
 
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (cold-cache runs), without root."""
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def run_measured(code: str, *args: str) -> dict:
-    """Run python code in a fresh process; it prints one JSON line. Adds wall time + peak RSS."""
+    """Run python code in a fresh process; it prints one JSON line. Adds wall time + peak RSS.
+
+    Peak RSS is the child's VmHWM (ru_maxrss would include the parent's peak: on Linux it
+    survives fork+exec).
+    """
     wrapper = (
-        "import json, resource, sys, time\n"
+        "import json, sys, time\n"
         "t0 = time.perf_counter()\n"
         f"{code}\n"
-        "r = {'seconds': time.perf_counter() - t0,\n"
-        "     'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}\n"
+        "sec = time.perf_counter() - t0\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "r = {'seconds': sec, 'peak_rss_mb': int(hwm.split()[1]) / 1024}\n"
         "print('RESULT ' + json.dumps(r))\n"
     )
     p = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True)
@@ -88,6 +105,19 @@ with open(dst, 'wb') as fo:
             written += want
     fo.flush(); os.fsync(fo.fileno())
 os.close(fi)
+"""
+
+
+WARM = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+buf = bytearray(64 << 20)
+off = 0
+while True:
+    n = os.preadv(fd, [buf], off)
+    if n <= 0:
+        break
+    off += n
 """
 
 

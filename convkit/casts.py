@@ -1,7 +1,7 @@
 """Float dtype casts (fp32 / fp16 / bf16), registered as ``cast`` converters.
 
 Only floating tensors change; integer and bool tensors (e.g. CLIP's position_ids) are copied.
-Casting to fp16 checks for finite values beyond fp16's range first: they are counted and, by
+Casting to fp16 checks for finite values that overflowed to inf: they are counted and, by
 policy, clamped to +-65504 (default), kept as inf, or refused.
 """
 from __future__ import annotations
@@ -33,26 +33,43 @@ def target_dtype(src_dtype: str, target: str) -> str:
     return target if dtypes.is_float(src_dtype) else src_dtype
 
 
+def cast_into(name: str, src: torch.Tensor, out: torch.Tensor, ctx: CastContext) -> None:
+    """Cast ``src`` into the preallocated ``out`` (any float dtypes), counting overflow.
+
+    Works on whole tensors and on chunks of one tensor alike (overflow counts add up).
+    """
+    out.copy_(src)
+    limit = float(torch.finfo(out.dtype).max)
+    if not out.numel() or float(torch.finfo(src.dtype).max) <= limit:
+        return
+    # One cheap reduction over the (smaller) output: only if it holds inf/NaN do we look
+    # closer, to tell overflow (finite in the source) from inf/NaN the source already had.
+    lo, hi = torch.aminmax(out)
+    if torch.isfinite(lo) and torch.isfinite(hi):
+        return
+    overflow = torch.isinf(out) & torch.isfinite(src)
+    over = int(overflow.sum())
+    if not over:
+        return
+    ctx.overflows[name] = ctx.overflows.get(name, 0) + over
+    if ctx.on_overflow == "error":
+        raise TensorValueError(
+            f"{ctx.overflows[name]} values exceed the {dtypes.from_torch(out.dtype)} range "
+            f"(|x| > {limit:g})", path=ctx.path, key=name,
+            hint="use --dtype bf16, or --on-overflow clamp")
+    if ctx.on_overflow == "clamp":  # real inf/NaN in the source stay as they are
+        out[overflow] = (torch.sign(src[overflow]) * limit).to(out.dtype)
+
+
 def _cast(name: str, t: torch.Tensor, target: str, ctx: CastContext) -> torch.Tensor:
     if not t.is_floating_point():
         return t
     tdt = dtypes.to_torch(target)
     if t.dtype == tdt:
         return t
-    limit = dtypes.finite_max(target)
-    if t.numel() and dtypes.finite_max(dtypes.from_torch(t.dtype)) > limit:
-        lo, hi = torch.aminmax(t)
-        if hi.item() > limit or lo.item() < -limit:
-            over = ((t.abs() > limit) & torch.isfinite(t)).sum().item()
-            if over:
-                ctx.overflows[name] = int(over)
-                if ctx.on_overflow == "error":
-                    raise TensorValueError(
-                        f"{over} values exceed the {target} range (|x| > {limit:g})", path=ctx.path,
-                        key=name, hint="use --dtype bf16, or --on-overflow clamp")
-                if ctx.on_overflow == "clamp":  # real inf/NaN in the source stay as they are
-                    return torch.where(torch.isfinite(t), t.clamp(-limit, limit), t).to(tdt)
-    return t.to(tdt)
+    out = torch.empty(t.shape, dtype=tdt)
+    cast_into(name, t, out, ctx)
+    return out
 
 
 @register("cast", "fp16", "F16", "float16")

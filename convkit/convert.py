@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import archs, registry
-from .casts import CAST_TARGET, CastContext, target_dtype
+from .casts import CAST_TARGET, CastContext, cast_into, target_dtype
 from .errors import UsageError
 from .plan import Plan, PlanItem, RunStats, execute, provenance
 from .progress import Progress
@@ -165,7 +165,8 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, dtype: str = "f
         if dry_run:
             return result
         result.stats = execute(plan, lambda it, t: cast(it.key, t, ctx), overwrite=overwrite,
-                               progress=progress)
+                               progress=progress,
+                               chunk_fn=lambda it, a, b: cast_into(it.key, a, b, ctx))
         result.overflows = dict(ctx.overflows)
         if ctx.overflows:
             n = sum(ctx.overflows.values())

@@ -21,8 +21,9 @@ from . import __version__, dtypes
 from .errors import ConvkitError, Interrupted
 from .progress import Progress
 from .sources.base import TensorSource
-from .writer import FolderStage, OutSpec, SafetensorsWriter, check_output
+from .chunked import stream_items
 from .errors import raise_all
+from .writer import FolderStage, OutSpec, SafetensorsWriter, check_output
 
 
 @dataclass
@@ -125,30 +126,65 @@ class RunStats:
 
 
 def execute(plan: Plan, transform: Transform, *, overwrite: bool = False,
-            progress: Progress | None = None) -> RunStats:
-    """Stream the plan: load, transform and write one tensor at a time, atomically."""
+            progress: Progress | None = None, chunk_fn=None) -> RunStats:
+    """Stream the plan: load, transform and write one tensor at a time, atomically.
+
+    ``chunk_fn(item, src, out)``, when given, is the same transform as an elementwise kernel
+    writing into ``out``; if the source can read byte ranges, the plan is then streamed in
+    fixed-size chunks through reusable buffers (:mod:`convkit.chunked`).
+    """
     progress = progress or Progress(enabled=False)
     stats = RunStats()
     t0 = time.perf_counter()
     try:
         with progress.bar(total=plan.in_bytes, desc=plan.out.name) as bar:
+            chunked = chunk_fn if chunk_fn and plan.source.supports_ranges and all(
+                math.prod(i.shape) * dtypes.itemsize(i.src_dtype) == i.src_bytes
+                for i in plan.items) else None
             if plan.folder:
                 with FolderStage(plan.out, overwrite=overwrite) as stage:
-                    _write_folder(plan, stage, transform, bar, stats)
+                    _write_folder(plan, stage, transform, bar, stats, chunked)
             else:
-                _write_file(plan, plan.out, "", transform, bar, stats)
+                _write_file(plan, plan.out, "", transform, bar, stats, chunked)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; no output was written", path=plan.out) from None
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
-def _write_file(plan: Plan, path: Path, rel: str, transform: Transform, bar, stats) -> None:
+def prefetched(source: TensorSource, items: list[PlanItem]):
+    """Yield (item, tensor), reading the next tensor in a helper thread meanwhile.
+
+    Reading tensor n+1 overlaps transforming tensor n (and the writer thread writing n-1);
+    at most one tensor is read ahead, so memory stays at a few tensors.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convkit-reader")
+    try:
+        nxt = pool.submit(source.load, items[0].key)
+        for i, it in enumerate(items):
+            t = nxt.result()
+            nxt = pool.submit(source.load, items[i + 1].key) if i + 1 < len(items) else None
+            yield it, t
+            del t
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_file(plan: Plan, path: Path, rel: str, transform: Transform, bar, stats,
+                chunk_fn=None) -> None:
     items = [i for i in plan.items if i.out_file == rel]
     specs = [OutSpec(i.out_key, i.dtype, i.shape) for i in items]
     with SafetensorsWriter(path, specs, plan.metadata.get(rel)) as w:
-        for it in items:
-            t = plan.source.load(it.key)
+        if chunk_fn is not None:
+            stream_items(items, plan.source, w, chunk_fn, on_progress=bar.update)
+            stats.tensors += len(items)
+            stats.bytes_read += sum(i.src_bytes for i in items)
+            items = []
+        for it, t in prefetched(plan.source, items):
             out = transform(it, t)
             del t
             w.write(it.out_key, out)
@@ -159,7 +195,8 @@ def _write_file(plan: Plan, path: Path, rel: str, transform: Transform, bar, sta
     stats.bytes_written += path.stat().st_size
 
 
-def _write_folder(plan: Plan, stage: Path, transform: Transform, bar, stats) -> None:
+def _write_folder(plan: Plan, stage: Path, transform: Transform, bar, stats,
+                  chunk_fn=None) -> None:
     src_root = plan.source.path
     for rel in plan.copies:
         dst = stage / rel
@@ -172,7 +209,7 @@ def _write_folder(plan: Plan, stage: Path, transform: Transform, bar, stats) -> 
     for rel in plan.files():
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        _write_file(plan, dst, rel, transform, bar, stats)
+        _write_file(plan, dst, rel, transform, bar, stats, chunk_fn)
 
 
 def same_path(a: os.PathLike, b: os.PathLike) -> bool:

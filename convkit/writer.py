@@ -156,6 +156,7 @@ class SafetensorsWriter:
         self._q: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._err: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._part = 0  # bytes of the current tensor received through write_part
         self.bytes_written = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -163,12 +164,16 @@ class SafetensorsWriter:
         try:
             self._f = open(self.tmp, "xb")
             self._f.write(self._header)
+            if self._threaded:
+                self._thread = threading.Thread(target=self._drain, name="convkit-writer",
+                                                daemon=True)
+                self._thread.start()
         except OSError as e:
-            self._cleanup()
+            self.abort()
             raise _os_error(e, self.path) from None
-        if self._threaded:
-            self._thread = threading.Thread(target=self._drain, name="convkit-writer", daemon=True)
-            self._thread.start()
+        except BaseException:  # Ctrl-C between creating the file and returning
+            self.abort()
+            raise
         return self
 
     def __enter__(self) -> "SafetensorsWriter":
@@ -191,24 +196,56 @@ class SafetensorsWriter:
         if dtypes.from_torch(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise UsageError(f"got {dtypes.from_torch(tensor.dtype)}{list(tensor.shape)}, planned "
                              f"{spec.dtype}{list(spec.shape)}", path=self.path, key=name)
+        if self._part:
+            raise UsageError(f"tensor '{spec.name}' was only partly written", path=self.path)
         self._next += 1
         data = tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else None
-        if self._threaded:
-            self._raise_if_failed()
-            while True:
-                try:
-                    self._q.put(data, timeout=0.2)
-                    break
-                except queue.Full:
-                    self._raise_if_failed()
-        else:
+        self._enqueue(data, None)
+
+    def write_part(self, name: str, data: torch.Tensor, release=None) -> None:
+        """Hand over the next bytes (1-D uint8) of tensor ``name``; parts arrive in order.
+
+        ``release()`` is called (from the writer thread) once the bytes are on their way to
+        disk, so the caller can reuse the buffer.
+        """
+        if self._next >= len(self.specs):
+            raise UsageError(f"unexpected extra tensor '{name}'", path=self.path)
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise UsageError(f"tensor '{name}' written out of order (expected '{spec.name}')",
+                             path=self.path)
+        self._part += data.numel()
+        if self._part > spec.nbytes:
+            raise UsageError(f"{self._part} bytes written, planned {spec.nbytes}", path=self.path,
+                             key=name)
+        if self._part == spec.nbytes:
+            self._next += 1
+            self._part = 0
+        self._enqueue(data, release)
+
+    def _enqueue(self, data, release) -> None:
+        if not self._threaded:
             self._write_checked(data)
+            if release is not None:
+                release()
+            return
+        self._raise_if_failed()
+        while True:
+            try:
+                self._q.put((data, release), timeout=0.2)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def check_alive(self) -> None:
+        """Raise the writer thread's error, if it had one (for callers waiting on buffers)."""
+        self._raise_if_failed()
 
     def commit(self) -> Path:
         try:
             self._stop_thread()
             self._raise_if_failed()
-            if self._next != len(self.specs):
+            if self._next != len(self.specs) or self._part:
                 missing = self.specs[self._next].name
                 raise UsageError(f"only {self._next} of {len(self.specs)} tensors were written "
                                  f"(next: '{missing}')", path=self.path)
@@ -226,8 +263,11 @@ class SafetensorsWriter:
         return self.path
 
     def abort(self) -> None:
+        """Stop writing and remove the temp file; never raises over the error being handled."""
         try:
             self._stop_thread()
+        except Exception:
+            pass
         finally:
             self._cleanup()
 
@@ -250,12 +290,14 @@ class SafetensorsWriter:
             item = self._q.get()
             if item is _STOP:
                 return
-            if self._err is not None:
-                continue
-            try:
-                self._write_checked(item)
-            except BaseException as e:  # reported to the producer on its next call
-                self._err = e
+            data, release = item
+            if self._err is None:
+                try:
+                    self._write_checked(data)
+                except BaseException as e:  # reported to the producer on its next call
+                    self._err = e
+            if release is not None:
+                release()
 
     def _raise_if_failed(self) -> None:
         if self._err is not None:
@@ -263,10 +305,11 @@ class SafetensorsWriter:
             raise err
 
     def _stop_thread(self) -> None:
-        if self._thread is not None:
-            self._q.put(_STOP)
-            self._thread.join()
-            self._thread = None
+        t, self._thread = self._thread, None
+        if t is None or t.ident is None:  # never started (e.g. Ctrl-C inside start())
+            return
+        self._q.put(_STOP)
+        t.join()
 
     def _cleanup(self) -> None:
         if self._f is not None:
@@ -297,6 +340,9 @@ class FolderStage:
             self.tmp.mkdir()
         except OSError as e:
             raise _os_error(e, self.out) from None
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

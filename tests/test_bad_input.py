@@ -118,16 +118,24 @@ def test_ctrl_c_mid_write(sdxl_like, tmp_path, monkeypatch):
     path, _ = sdxl_like
     from convkit.sources.safetensors_file import SafetensorsFile
 
-    real = SafetensorsFile._load
+    real_load, real_range = SafetensorsFile._load, SafetensorsFile.read_range
     seen = []
 
-    def interrupting(self, name):
+    def interrupting_load(self, name):
         seen.append(name)
         if len(seen) == 3:
             raise KeyboardInterrupt
-        return real(self, name)
+        return real_load(self, name)
 
-    monkeypatch.setattr(SafetensorsFile, "_load", interrupting)
+    def interrupting_range(self, name, start, out):
+        seen.append(name)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real_range(self, name, start, out)
+
+    # whole-tensor and chunked streaming both read through these
+    monkeypatch.setattr(SafetensorsFile, "_load", interrupting_load)
+    monkeypatch.setattr(SafetensorsFile, "read_range", interrupting_range)
     before = _snapshot(tmp_path)
     src_bytes = path.read_bytes()
     code, out = run("convert", path, tmp_path / "o.safetensors")
@@ -186,3 +194,37 @@ def test_errors_are_builtin_subclasses():
     assert issubclass(errors.DiskSpaceError, OSError)
     assert issubclass(errors.UnknownNameError, KeyError)
     assert issubclass(errors.UnknownArchitectureError, LookupError)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_real_signal_mid_write_leaves_nothing(tmp_path, sig):
+    """A real Ctrl-C (or kill) delivered to the CLI process while it writes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import SDXL_MARKERS
+
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) for k, s in SDXL_MARKERS.items()}
+    for i in range(48):  # ~200 MB of fp32 so the write takes a while
+        sd[f"model.diffusion_model.output_blocks.{i}.0.in_layers.2.weight"] = \
+            torch.randn(1024, 1024, generator=g)
+    src = tmp_path / "big.safetensors"
+    st.save_file(sd, src)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "convkit.cli", "convert", str(src),
+                             str(out_dir / "o.safetensors"), "--dtype", "bf16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and \
+            not any(p.name.endswith(".tmp") for p in out_dir.iterdir()):
+        time.sleep(0.002)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and err.count("convkit: error:") == 1
+    assert list(out_dir.iterdir()) == []

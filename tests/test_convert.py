@@ -250,3 +250,39 @@ def test_gguf_source_reads_and_dequantizes(tmp_path):
         assert torch.equal(src.load("b.weight"), conv)
         assert torch.equal(src.load("c.bias"), w[0].half())
         assert src.metadata["general.architecture"] == "sdxl"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_chunked_streaming_equals_whole_tensor_cast(sdxl_files, tmp_path, monkeypatch, dtype):
+    """Tiny chunks (many per tensor, odd sizes) give exactly a direct whole-tensor cast."""
+    from convkit import chunked
+
+    single, _ = sdxl_files
+    half = tmp_path / "half.safetensors"
+    convert(single, half, "fp16")
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 1000)
+    for src in (single, half):
+        out = tmp_path / f"{src.stem}-{dtype}.safetensors"
+        convert(src, out, dtype)
+        ref, got = st.load_file(src), st.load_file(out)
+        tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        for k, t in ref.items():
+            want = t.to(tdt) if t.is_floating_point() else t
+            assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+
+
+def test_chunked_overflow_counts_add_up(tmp_path, monkeypatch, sdxl_like):
+    from convkit import chunked
+
+    path, sd = sdxl_like
+    k = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    big = dict(sd)
+    big[k] = torch.full((8, 8), 1e6)
+    big[k][0, 0] = float("inf")
+    p = tmp_path / "big.safetensors"
+    st.save_file(big, p)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 40)  # 10 floats per chunk, 7 chunks
+    r = convert(p, tmp_path / "o.safetensors", "fp16")
+    assert r.overflows == {k: 63}
+    got = st.load_file(tmp_path / "o.safetensors")[k].float()
+    assert math.isinf(got[0, 0]) and (got.view(-1)[1:] == 65504).all()

@@ -75,6 +75,13 @@ class TensorSource:
     def _load(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    #: True where :meth:`read_range` works (raw bytes as stored, for chunked streaming)
+    supports_ranges = False
+
+    def read_range(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (1-D uint8) with the stored bytes of ``name`` from byte ``start``."""
+        raise NotImplementedError
+
     def files(self) -> list[Path]:
         """Every file this source reads (to refuse writing over one of them)."""
         return [self.path]

@@ -95,6 +95,14 @@ class DiffusersFolder(TensorSource):
         src, inner = self._parts[name]
         return src.load(inner)
 
+    @property
+    def supports_ranges(self) -> bool:
+        return all(s.supports_ranges for s in self._sources)
+
+    def read_range(self, name: str, start: int, out: torch.Tensor) -> None:
+        src, inner = self._parts[name]
+        src.read_range(inner, start, out)
+
     def files(self) -> list[Path]:
         return [f for fs in self.components.values() for f in fs]
 

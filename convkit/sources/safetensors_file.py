@@ -118,6 +118,16 @@ class SafetensorsFile(TensorSource):
             read_exact(self._fd, buf, self._data_start + self._offsets[name], self.path, name)
         return buf.view(dtypes.to_torch(info.dtype)).reshape(info.shape)
 
+    supports_ranges = True
+
+    def read_range(self, name: str, start: int, out: torch.Tensor) -> None:
+        info = self._infos[name]
+        if start < 0 or start + out.numel() > info.nbytes:
+            raise ValueError(f"range [{start}, {start + out.numel()}) outside '{name}'")
+        if out.numel():
+            read_exact(self._fd, out, self._data_start + self._offsets[name] + start, self.path,
+                       name)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -1,0 +1,118 @@
+"""Chunked streaming for elementwise transforms (dtype casts, plain copies).
+
+Whole-tensor streaming allocates a fresh buffer per tensor for reading and another for the
+result; on large checkpoints the page faults of those allocations cost as much as the
+conversion itself. Elementwise work does not need whole tensors, so here a reader thread
+fills a small ring of reusable byte buffers, the caller's thread converts each chunk into a
+second ring, and the writer thread writes and hands buffers back. Memory is fixed (a few
+times CHUNK) and every buffer is touched once, then reused while it is still in cache.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+from . import dtypes
+
+CHUNK_BYTES = 8 << 20     # source bytes per chunk
+RING = 3                  # buffers per ring
+
+ChunkFn = Callable[[object, torch.Tensor, torch.Tensor], None]   # (item, src, out) -> None
+_END = object()
+
+
+class _Reader(threading.Thread):
+    """Reads every item's bytes, chunk by chunk, into buffers taken from ``free``."""
+
+    def __init__(self, source, items, elems_of, free: queue.Queue, full: queue.Queue):
+        super().__init__(name="convkit-chunk-reader", daemon=True)
+        self.source, self.items, self.elems_of = source, items, elems_of
+        self.free, self.full = free, full
+        self.stop = threading.Event()
+
+    def _take(self):
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def run(self) -> None:
+        try:
+            for it in self.items:
+                isz = dtypes.itemsize(it.src_dtype)
+                n = math.prod(it.shape)
+                step = self.elems_of(it)
+                for start in range(0, n, step):
+                    count = min(step, n - start)
+                    buf = self._take()
+                    if buf is None:
+                        return
+                    view = buf[: count * isz]
+                    self.source.read_range(it.key, start * isz, view)
+                    self.full.put((it, start, count, buf))
+            self.full.put(_END)
+        except BaseException as e:  # handed to the consumer
+            self.full.put(e)
+
+
+def stream_items(items, source, writer, chunk_fn: ChunkFn, on_progress=None) -> None:
+    """Write ``items`` (all elementwise: same element count in and out) through ``writer``."""
+    max_isz = max((dtypes.itemsize(i.src_dtype) for i in items), default=1)
+    max_osz = max((dtypes.itemsize(i.dtype) for i in items), default=1)
+    elems = max(1, CHUNK_BYTES // max_isz)
+
+    in_free: queue.Queue = queue.Queue()
+    out_free: queue.Queue = queue.Queue()
+    for _ in range(RING):
+        in_free.put(torch.empty(elems * max_isz, dtype=torch.uint8))
+        out_free.put(torch.empty(elems * max_osz, dtype=torch.uint8))
+    full: queue.Queue = queue.Queue()
+    reader = _Reader(source, [i for i in items if math.prod(i.shape)], lambda it: elems,
+                     in_free, full)
+    reader.start()
+
+    def wait(q: queue.Queue):
+        while True:
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                writer.check_alive()
+                if q is full and not reader.is_alive() and full.empty():
+                    raise RuntimeError("chunk reader stopped unexpectedly")
+
+    try:
+        for it in items:
+            if not math.prod(it.shape):
+                writer.write(it.out_key, torch.empty(it.shape, dtype=dtypes.to_torch(it.dtype)))
+                continue
+            n = math.prod(it.shape)
+            done = 0
+            while done < n:
+                got = wait(full)
+                if isinstance(got, BaseException):
+                    raise got
+                item, start, count, buf = got
+                assert item is it and start == done  # the reader follows the same order
+                isz, osz = dtypes.itemsize(it.src_dtype), dtypes.itemsize(it.dtype)
+                raw = buf[: count * isz]
+                if it.dtype == it.src_dtype:
+                    writer.write_part(it.out_key, raw, release=lambda b=buf: in_free.put(b))
+                else:
+                    ob = wait(out_free)
+                    out = ob[: count * osz]
+                    chunk_fn(it, raw.view(dtypes.to_torch(it.src_dtype)),
+                             out.view(dtypes.to_torch(it.dtype)))
+                    in_free.put(buf)
+                    writer.write_part(it.out_key, out, release=lambda b=ob: out_free.put(b))
+                done += count
+                if on_progress:
+                    on_progress(count * isz)
+    finally:
+        reader.stop.set()
+        reader.join()
