@@ -228,3 +228,21 @@ def test_real_signal_mid_write_leaves_nothing(tmp_path, sig):
     assert proc.returncode == 130, err
     assert "interrupted" in err and err.count("convkit: error:") == 1
     assert list(out_dir.iterdir()) == []
+
+
+def test_missing_shard_named(tmp_path, sdxl_like):
+    import json as _json
+
+    path, sd = sdxl_like
+    folder = tmp_path / "m"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(_json.dumps({"unet": ["diffusers",
+                                                                   "UNet2DConditionModel"]}))
+    st.save_file({"a": torch.zeros(2)}, folder / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(_json.dumps(
+        {"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                        "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}))
+    code, out = run("inspect", folder)
+    line = _one_error_line(out)
+    assert code == errors.InputFormatError.exit_code
+    assert "00002-of-00002" in line and "incomplete" in line

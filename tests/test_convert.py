@@ -144,6 +144,12 @@ def test_folder_to_folder_sharded_loads_in_diffusers(sdxl_files, tmp_path):
     for rel in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json",
                 "tokenizer/tokenizer.json"):
         assert (out / rel).read_bytes() == (folder / rel).read_bytes(), rel
+    with open_source(out) as a, open_source(folder) as b:  # our own sharded reader
+        assert a.keys() == b.keys()
+        assert len(a.components["unet"]) == len(shards)
+        for k in b.keys():
+            t = b.load(k)
+            assert torch.equal(a.load(k), t.half() if t.is_floating_point() else t), k
     unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float16)
     ref = UNet2DConditionModel.from_pretrained(folder / "unet")
     sd, rsd = unet.state_dict(), ref.state_dict()
