@@ -203,6 +203,8 @@ def parse_size(text: str) -> int:
 # Commands that live beside their library code register themselves on ``main`` when imported.
 # (one import line per command module; keep the list sorted)
 # --- command modules ---
+from .lora import cli as _lora_cli  # noqa: E402,F401
+from .quantize import cli as _quantize_cli  # noqa: E402,F401
 # --- end command modules ---
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,3 +28,22 @@ def sdxl_like(tmp_path):
     path = tmp_path / "sdxl_like.safetensors"
     st.save_file(sd, path, metadata={"modelspec.title": "synthetic"})
     return path, sd
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory):
+    """A tiny SDXL (real classes, seed 0) as an SGM single file and a diffusers folder."""
+    from convkit import tiny
+
+    d = tmp_path_factory.mktemp("sdxl")
+    m = tiny.build("sdxl", 0)
+    single = tiny.save_single_file(m, d / "base.safetensors")
+    folder = tiny.save_diffusers(m, d / "base_diffusers")
+    return m, single, folder, d
+
+
+@pytest.fixture(scope="session")
+def factors(sdxl):
+    from tests.lora_helpers import random_factors
+
+    return random_factors(sdxl[0])

@@ -151,8 +151,6 @@ def test_size_mismatch_and_unknown_dtype_reported_together(tmp_path):
 
 
 def test_unsafe_pickle_refused(tmp_path):
-    import pickle
-
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))

@@ -1,0 +1,251 @@
+"""The modules of a base model, under every name a LoRA file may give them.
+
+A :class:`ModuleTable` is built from the real tensor names (and shapes) of a base checkpoint, single
+file or diffusers folder, through :mod:`convkit.keymap`. For every component it knows
+
+* ``locs``: each diffusers parameter -> where it lives in the base (key, rows of a fused tensor,
+  transform), and
+* ``units``: each module name a LoRA may target -> a :class:`Unit` (which diffusers modules it
+  covers, in which order, with which row counts). A unit exists for every diffusers module name and
+  every single-file (SGM/BFL) module name; fused single-file tensors (OpenCLIP ``in_proj``, Flux
+  ``qkv``/``linear1``) give one unit covering several diffusers modules.
+
+kohya spellings (``.`` -> ``_``) are looked up in a table made from these real names, never by
+turning ``_`` back into ``.``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import archs, keymap
+from ..sources.base import TensorSource
+from .data import keys_data
+
+AMBIGUOUS = object()
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where one diffusers parameter lives in the base."""
+
+    key: str                         # base tensor name
+    rows: tuple[int, int] | None     # rows of a fused base tensor (dim 0), None = all
+    transform: str | None            # keymap transform diffusers -> base ("conv1x1", ...)
+    dshape: tuple[int, ...]          # shape in diffusers form
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A module a LoRA can target: one diffusers module, or a fused single-file tensor."""
+
+    component: str
+    name: str                        # canonical dotted module name in its naming space
+    space: str                       # "diffusers" | "single"
+    parts: tuple[str, ...]           # diffusers module names (without .weight), in row order
+    sizes: tuple[int, ...]           # rows of each part
+    transform: str | None            # single space: keymap transform of the fused tensor
+    shape: tuple[int, ...]           # weight shape in this unit's space
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+
+@dataclass
+class ModuleTable:
+    arch: str
+    naming: str                                  # naming of the base: sgm | bfl | diffusers
+    kinds: dict[str, str]                        # component -> keymap kind
+    locs: dict[tuple[str, str], Loc] = field(default_factory=dict)
+    units: dict[tuple[str, str], Unit] = field(default_factory=dict)
+    under: dict[tuple[str, str], object] = field(default_factory=dict)
+    by_key: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    @property
+    def diffusion(self) -> str:
+        return archs.get(self.arch).diffusion_component
+
+    def lookup(self, component: str, module: str, style: str) -> Unit | None | object:
+        """A unit by component and module path (dotted or underscore); AMBIGUOUS if several."""
+        if style == "underscore":
+            return self.under.get((component, module))
+        return self.units.get((component, module))
+
+    def unit_weight_locs(self, unit: Unit) -> list[Loc]:
+        return [self.locs[(unit.component, p + ".weight")] for p in unit.parts]
+
+    def bias_loc(self, unit: Unit, part: str) -> Loc | None:
+        return self.locs.get((unit.component, part + ".bias"))
+
+    def diffusers_units(self, component: str | None = None) -> list[Unit]:
+        return [u for (c, _), u in self.units.items()
+                if u.space == "diffusers" and (component is None or c == component)
+                and u.name == _canon_d(self.kinds[c], u.parts[0])]
+
+    def single_units(self, component: str | None = None) -> list[Unit]:
+        seen = set()
+        out = []
+        for (c, _), u in self.units.items():
+            if u.space == "single" and (component is None or c == component) and id(u) not in seen:
+                seen.add(id(u))
+                out.append(u)
+        return out
+
+
+def _canon_d(kind: str, name: str) -> str:
+    """Canonical spelling of a diffusers module name (CLIP with its ``text_model.`` wrapper)."""
+    pre = keys_data()["optional_prefix"].get(kind)
+    if pre and not name.startswith(pre) and not name.startswith(("text_projection",)):
+        return pre + name
+    return name
+
+
+def _module(param: str) -> tuple[str, str] | None:
+    for suf in (".weight", ".scale", ".bias"):
+        if param.endswith(suf):
+            return param[: -len(suf)], suf[1:]
+    return None
+
+
+def _dshape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
+    if transform == "conv1x1" and len(shape) == 4:
+        return shape[:2]
+    if transform == "transpose" and len(shape) == 2:
+        return (shape[1], shape[0])
+    return shape
+
+
+def _sizes(target, total: int, hidden: int | None) -> list[int]:
+    n = len(target.parts)
+    if target.sizes is None:
+        return [total // n] * n
+    fixed = [hidden if s == "h" else (None if s == "*" else int(s)) for s in target.sizes]
+    known = sum(s for s in fixed if s is not None)
+    return [s if s is not None else total - known for s in fixed]
+
+
+def build_table(arch: str, naming: str, prefixes: dict[str, str],
+                shapes: dict[str, tuple[int, ...]]) -> ModuleTable:
+    """Build the table from full base key names (with the layout's prefixes) and their shapes."""
+    kinds_all = {c: k for c, (k, _) in keymap.components(arch).items()}
+    table = ModuleTable(arch, naming, {c: kinds_all[c] for c in prefixes if c in kinds_all})
+    comp_keys, _ = archs.assign(archs.Layout("x", naming, prefixes), shapes)
+    for comp, keys in comp_keys.items():
+        if comp not in table.kinds:
+            continue
+        kind = table.kinds[comp]
+        pre = prefixes[comp]
+        names = {k[len(pre):]: shapes[k] for k in keys}
+        meta = {n: torch.empty(s, device="meta") for n, s in names.items()}
+        side = "d" if naming == "diffusers" else "s"
+        km = keymap.get_map(kind, None, names=list(names), side=side, sd=meta)
+        fused: dict[str, tuple] = {}
+        for n, shape in names.items():
+            mod = _module(n)
+            full = pre + n
+            if naming == "diffusers":
+                _add_loc(table, comp, kind, n, Loc(full, None, None, tuple(shape)))
+                hit = km.d2s(n)
+                if hit is None or mod is None or mod[1] == "bias":
+                    continue
+                target, _ = hit
+                smod = _module(target.single)
+                if smod is None:
+                    continue
+                if len(target.parts) == 1:
+                    sshape = _sshape(tuple(shape), target.transform)
+                    _add_unit(table, Unit(comp, smod[0], "single", (_canon_d(kind, mod[0]),),
+                                          (shape[0],), target.transform, sshape), kind)
+                else:
+                    fused.setdefault(smod[0], (target, {}))[1][n] = tuple(shape)
+            else:
+                target = km.s2d(n)
+                if target is None:
+                    continue
+                if len(target.parts) == 1:
+                    sizes = [shape[0]] if shape else [0]
+                else:
+                    sizes = _sizes(target, shape[0], km.hidden)
+                start = 0
+                for p, rows in zip(target.parts, sizes):
+                    span = (start, start + rows) if len(target.parts) > 1 else None
+                    pshape = (rows, *shape[1:]) if len(target.parts) > 1 else tuple(shape)
+                    _add_loc(table, comp, kind, p, Loc(full, span, target.transform,
+                                                       _dshape(pshape, target.transform)))
+                    start += rows
+                if mod is None or mod[1] == "bias":
+                    continue
+                dparts = tuple(_canon_d(kind, _module(p)[0]) for p in target.parts)
+                _add_unit(table, Unit(comp, mod[0], "single", dparts, tuple(sizes),
+                                      target.transform, tuple(shape)), kind)
+        for smod, (target, got) in fused.items():
+            if len(got) != len(target.parts):
+                continue
+            shp = [got[p] for p in target.parts]
+            _add_unit(table, Unit(comp, smod, "single",
+                                  tuple(_canon_d(kind, _module(p)[0]) for p in target.parts),
+                                  tuple(s[0] for s in shp), target.transform,
+                                  (sum(s[0] for s in shp), *shp[0][1:])), kind)
+    return table
+
+
+def _sshape(dshape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
+    if transform == "conv1x1" and len(dshape) == 2:
+        return (*dshape, 1, 1)
+    if transform == "transpose" and len(dshape) == 2:
+        return (dshape[1], dshape[0])
+    return dshape
+
+
+def _add_loc(table: ModuleTable, comp: str, kind: str, dparam: str, loc: Loc) -> None:
+    mod = _module(dparam)
+    canon = _canon_d(kind, mod[0]) + "." + mod[1] if mod else dparam
+    table.locs[(comp, canon)] = loc
+    table.by_key.setdefault(loc.key, []).append((comp, canon))
+    if mod and mod[1] in ("weight", "scale") and len(loc.dshape) >= 1:
+        name = _canon_d(kind, mod[0])
+        _add_unit(table, Unit(comp, name, "diffusers", (name,), (loc.dshape[0],), None,
+                              loc.dshape), kind)
+
+
+def _add_unit(table: ModuleTable, unit: Unit, kind: str) -> None:
+    pre = keys_data()["optional_prefix"].get(kind)
+    names = {unit.name}
+    if pre and unit.name.startswith(pre):
+        names.add(unit.name[len(pre):])
+    for n in names:
+        old = table.units.get((unit.component, n))
+        if old is not None and old.space == "diffusers" and unit.space == "single":
+            # a single-file name that equals a diffusers name (CLIP-L, T5): same module
+            continue
+        table.units[(unit.component, n)] = unit
+        u = n.replace(".", "_")
+        prev = table.under.get((unit.component, u))
+        if prev is not None and prev is not AMBIGUOUS and prev.parts != unit.parts:
+            table.under[(unit.component, u)] = AMBIGUOUS
+        elif prev is None:
+            table.under[(unit.component, u)] = unit
+
+
+def table_for_source(src: TensorSource, det: archs.Detection | None = None) -> ModuleTable:
+    det = det or archs.detect(src)
+    shapes = {k: tuple(src.info(k).shape) for k in src.keys()}
+    return build_table(det.arch.name, det.layout.naming, dict(det.layout.prefixes), shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def table_for_arch(arch: str) -> ModuleTable:
+    """Table of the released full-size model (names and shapes only, nothing loaded)."""
+    from ..tiny.full_size import full_size_shapes
+
+    comps = keymap.components(arch)
+    return build_table(arch, "sgm", {c: p for c, (_, p) in comps.items()},
+                       full_size_shapes(arch))
+
+
+def numel(shape) -> int:
+    return math.prod(shape)
