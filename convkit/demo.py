@@ -3,9 +3,14 @@
 1. build a tiny model from the real diffusers/transformers classes (fixed seed) and save it as
    a single-file checkpoint in the real SGM/LDM key layout, fp32, and as a diffusers folder;
 2. inspect it;
-3. convert it to fp16 (and the folder to bf16), streaming;
-4. reopen every output and check every tensor: names, shapes, dtypes, and values equal to
-   a direct cast of the source (bit-exact), plus an fp16 -> fp32 -> fp16 lossless round trip.
+3. convert it to fp16 (and the folder too), streaming; reopen every output and check every
+   tensor: names, shapes, dtypes, and values equal to a direct cast of the source (bit-exact),
+   plus an fp16 -> fp32 -> fp16 lossless round trip;
+4. the Lightning scenario in miniature: a "tuned" copy of the model gets a
+   low-rank change, a LoRA is extracted from it, merged into a "custom" model of another seed,
+   and the merged change is checked against the original one;
+5. quantize the merged model (fp8, NF4, GGUF Q8_0) with every output reopened and its error
+   measured.
 """
 from __future__ import annotations
 
@@ -125,7 +130,70 @@ def run_demo(out_dir, arch: str = "sdxl", echo: Callable[[str], None] | None = N
     say(f"convert diffusers folder -> fp16 folder: {folder16.name}/ ({n} tensors verified)")
     step("convert-folder", output=str(folder16), tensors_verified=n)
 
+    merged = _lightning_demo(model, out, say, step)
+    _quantize_demo(merged, arch, out, say, step)
+
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["ok"] = True
     say(f"demo ok in {report['seconds']} s; files in {out}/")
     return report
+
+
+def _lightning_demo(model, out: Path, say, step) -> Path:
+    """Extract a LoRA from tuned - base, merge it into another model, check the change."""
+    import safetensors.torch as st
+
+    from . import tiny
+    from .lora import extract_lora, merge_lora
+
+    base = out / "lightning-base.safetensors"
+    tuned = out / "lightning-tuned.safetensors"
+    custom = out / "custom.safetensors"
+    sd = tiny.state_dict_single_file(model)
+    tiny.save_single_file(model, base)
+    g = torch.Generator().manual_seed(1234)
+    changed = {}
+    for k, w in sd.items():
+        if k.startswith("model.diffusion_model.") and w.ndim == 2 and "attn" in k \
+                and k.endswith("weight") and "norm" not in k:
+            u = torch.randn(w.shape[0], 4, generator=g) * 0.05
+            v = torch.randn(4, w.shape[1], generator=g) * 0.05
+            changed[k] = w + u @ v
+    st.save_file({k: changed.get(k, v).contiguous() for k, v in sd.items()}, str(tuned))
+    lora = out / "lightning-lora.safetensors"
+    ex = extract_lora(tuned, base, lora, rank=8, dtype="fp32", overwrite=True)
+    say(f"extract-lora tuned - base, rank 8: {ex.modules} modules, "
+        f"relative reconstruction error {ex.total_error:.1e}")
+    tiny.save_single_file(tiny.build(model.arch, seed=7), custom)
+    merged = out / "custom-lightning.safetensors"
+    mr = merge_lora(custom, [f"{lora}:1.0"], merged, overwrite=True)
+    cus, mer = st.load_file(str(custom)), st.load_file(str(merged))
+    worst = 0.0
+    for k, w in changed.items():
+        want = w - sd[k]
+        got = mer[k] - cus[k]
+        worst = max(worst, float((got - want).norm() / want.norm()))
+    if worst > 1e-4:
+        raise DemoCheckFailed(f"merged change differs from the tuned change by {worst:.2e}",
+                              path=merged)
+    touched = sum(r.modules for r in mr.loras)
+    say(f"merge-lora into custom (seed 7): {touched} modules; merged change equals the tuned "
+        f"change within {worst:.1e} relative")
+    step("lightning", lora=str(lora), modules=ex.modules, extract_error=ex.total_error,
+         merged=str(merged), worst_rel_error=worst)
+    return merged
+
+
+def _quantize_demo(merged: Path, arch: str, out: Path, say, step) -> None:
+    from .quantize import quantize
+
+    for target, name in (("fp8-e4m3fn", "fp8.safetensors"), ("nf4", "nf4.safetensors"),
+                         ("gguf:Q8_0", "Q8_0.gguf")):
+        dst = out / f"custom-lightning-{name}"
+        r = quantize(merged, dst, target, overwrite=True)
+        summary = r.report.summary(3)
+        rel = summary.get("rel_rmse")
+        say(f"quantize {target}: {dst.name} ({dst.stat().st_size:,d} B), reopened and checked; "
+            f"relative RMSE {rel:.4f}" if rel is not None else f"quantize {target}: {dst.name}")
+        step("quantize", target=target, output=str(dst), rel_rmse=rel,
+             bytes=dst.stat().st_size)
