@@ -19,12 +19,18 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
             progress: Progress | None = None) -> dict:
     """A JSON-able description: architecture, layout, components, dtypes, bytes, oddities."""
     progress = progress or Progress(enabled=False)
-    with open_source(path, variant=variant) as src:
+    from .quantize.inputs import dequantized
+
+    with open_source(path, variant=variant) as raw:
+        # quantized files (NF4, scaled fp8, GGUF) are described by their logical weights
+        src, quant_note = dequantized(raw)
         report: dict = {"path": str(Path(path)), "format": src.format,
-                        "file_bytes": sum(f.stat().st_size for f in src.files()),
+                        "file_bytes": sum(f.stat().st_size for f in raw.files()),
                         "tensors": len(src), "tensor_bytes": src.total_bytes,
                         "params": sum(i.numel for i in src.infos()),
                         "metadata": dict(src.metadata), "odd": []}
+        if quant_note:
+            report["quantization"] = quant_note.split(":")[0].replace("input is ", "")
         odd = report["odd"]
         try:
             det = archs.detect(src)
@@ -57,7 +63,7 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
                 entry["full_size_params"] = expected
                 entry["full_size"] = expected == params if expected else None
             float_kinds = {k for k in kinds if k not in ("I64", "I32", "I16", "I8", "U8", "BOOL")}
-            if len(float_kinds) > 1:
+            if len(float_kinds) > 1 and not quant_note:  # mixed is normal when quantized
                 odd.append(f"{comp}: mixed dtypes {', '.join(f'{k}×{n}' for k, n in kinds.items())}")
             comps[comp] = entry
         report["components"] = comps
@@ -102,6 +108,8 @@ def format_report(r: dict) -> str:
                     f"  (released model has {c['full_size_params']:,d})")
         lines.append(f"  {name:<16} {c['tensors']:>6,d} tensors {c['params']:>15,d} params "
                      f"{c['bytes']:>16,d} B  {dts}{full}")
+    if r.get("quantization"):
+        lines.append(f"quantized:    {r['quantization']}")
     if r.get("missing_components"):
         lines.append(f"absent:       {', '.join(r['missing_components'])}")
     if r["metadata"]:

@@ -26,3 +26,20 @@ def test_demo_is_rerunnable(tmp_path):
     for _ in range(2):
         r = CliRunner().invoke(main, ["demo", "--arch", "sd15", "--out", str(tmp_path), "-q"])
         assert r.exit_code == 0, r.output
+
+
+def test_inspect_describes_quantized_outputs_by_logical_weights(tmp_path):
+    from convkit.demo import run_demo
+    from convkit.inspection import inspect
+
+    run_demo(tmp_path, arch="sd15")
+    ref = inspect(tmp_path / "custom-lightning.safetensors")
+    for name, scheme in (("custom-lightning-nf4.safetensors", "bitsandbytes 4-bit"),
+                         ("custom-lightning-fp8.safetensors", None),
+                         ("custom-lightning-Q8_0.gguf", "GGUF (Q8_0)")):
+        r = inspect(tmp_path / name)
+        assert r["architecture"] == "sd15"
+        assert r["components"]["unet"]["params"] == ref["components"]["unet"]["params"], name
+        if scheme:
+            assert scheme in r["quantization"], r.get("quantization")
+        assert not any("mixed dtypes" in o for o in r["odd"]), r["odd"]
