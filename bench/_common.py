@@ -129,12 +129,15 @@ def drop(path: Path) -> None:
 
 
 def report(rows: list[tuple[str, dict]], baseline: str) -> str:
-    base = dict(rows)[baseline]["seconds"]
-    out = [f"{'variant':<28} {'seconds':>9} {'x floor':>8} {'peak RSS MB':>12}"]
+    base = dict(rows)[baseline]
+    out = [f"{'variant':<28} {'best s':>8} {'x floor':>8} {'median s':>9} {'x floor':>8} "
+           f"{'peak RSS MB':>12}"]
     for name, r in rows:
         if "error" in r:
             out.append(f"{name:<28} failed: {r['error']}")
             continue
-        out.append(f"{name:<28} {r['seconds']:>9.2f} {r['seconds'] / base:>8.3f} "
-                   f"{r['peak_rss_mb']:>12.0f}")
+        med = r.get("median_seconds", r["seconds"])
+        bmed = base.get("median_seconds", base["seconds"])
+        out.append(f"{name:<28} {r['seconds']:>8.2f} {r['seconds'] / base['seconds']:>8.3f} "
+                   f"{med:>9.2f} {med / bmed:>8.3f} {r['peak_rss_mb']:>12.0f}")
     return "\n".join(out)

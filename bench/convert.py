@@ -61,6 +61,7 @@ def main() -> None:
     results = {}
     for regime in regimes:
         best: dict[str, dict] = {}
+        runs: dict[str, list[float]] = {}
         for rep in range(args.repeat):
             for name, code, a in variants:
                 drop(out)
@@ -70,9 +71,15 @@ def main() -> None:
                     run_measured(WARM, str(src))
                 r = run_measured(code, *a)
                 print(f"  {regime} rep {rep}: {name}: {json.dumps(r)}", file=sys.stderr)
+                if "seconds" in r:
+                    runs.setdefault(name, []).append(r["seconds"])
                 if name not in best or r.get("seconds", 1e9) < best[name].get("seconds", 1e9):
                     best[name] = r
         drop(out)
+        for n in best:
+            if n in runs:
+                best[n]["median_seconds"] = sorted(runs[n])[len(runs[n]) // 2]
+                best[n]["all_seconds"] = [round(x, 2) for x in runs[n]]
         rows = [(n, best[n]) for n, _, _ in variants]
         print(f"[{regime} cache]")
         print(report(rows, "io-floor"))
