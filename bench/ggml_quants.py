@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             from make_ggml_goldens import GGMLRef, find_library
 
             ref = GGMLRef(find_library(args.lib))
-        except (SystemExit, OSError) as exc:
+        except (SystemExit, OSError, ImportError) as exc:
             print(f"# ggml reference unavailable ({exc}); timing convkit only")
 
     rng = np.random.default_rng(0)
@@ -57,11 +57,14 @@ def main(argv=None) -> int:
     gb = x.nbytes / 1e9
     print(f"# input {args.rows}x{args.n} float32 = {x.nbytes / 1e6:.1f} MB; best of "
           f"{args.repeat}")
-    print(f"{'type':6} {'convkit GB/s':>13} {'ggml GB/s':>10} {'ratio':>7}  identical")
+    nt = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"{'type':6} {'convkit GB/s':>13} {f'{nt} threads':>10} {'ggml GB/s':>10} {'ratio':>7}"
+          "  identical")
     for qt in args.types.split(","):
         quantize(x[:1], qt)  # JIT warm-up (numba cache)
         t_ours = _best_time(lambda: quantize(x, qt), args.repeat)
-        line = f"{qt:6} {gb / t_ours:13.3f}"
+        t_par = _best_time(lambda: quantize(x, qt, nthreads=nt), args.repeat)
+        line = f"{qt:6} {gb / t_ours:13.3f} {gb / t_par:10.3f}"
         if ref is not None:
             t_ref = _best_time(lambda: ref.quantize(x, qt), args.repeat)
             same = np.array_equal(quantize(x, qt), ref.quantize(x, qt))

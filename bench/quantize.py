@@ -4,12 +4,16 @@ Variants, each in its own process (wall time and peak RSS of that process), comp
 run with the raw I/O floor (read the whole input, write the same number of bytes as the Q8_0
 output, fsync'd):
 
-    fp8-e4m3fn, nf4, gguf:Q8_0, gguf:Q4_K_S   (verification on: reopen + CRC of every tensor)
+    fp8-e4m3fn, fp8-scaled, nf4, gguf:Q8_0, gguf:Q4_K_S
+    (verification on: reopen + CRC of every tensor; the time of each phase is in "info")
 
 The GGUF outputs hold the UNet only (as ComfyUI-GGUF expects), fp8/nf4 the whole checkpoint.
-``--kquants`` also runs bench/ggml_quants.py (K-quant throughput vs ggml's C reference).
+Then (unless ``--no-kquants``) bench/ggml_quants.py: block-quantizer throughput, convkit vs
+ggml's C reference (skipped cleanly when no ggml library is found).
 
-    python bench/quantize.py [--repeat 1] [--targets fp8-e4m3fn,nf4,gguf:Q8_0,gguf:Q4_K_S] [--kquants]
+    python bench/quantize.py [--repeat 1] [--targets fp8-e4m3fn,...] [--no-kquants] [--threads N]
+
+Check ``uptime`` first: the ratios mean something only on a quiet machine.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, IO_FLOOR, drop, full_size_checkpoint, report, run_measured  # noqa: E402
+from _common import DATA, IO_FLOOR, drop, full_size_checkpoint, run_measured  # noqa: E402
 
 CONVKIT = """
 import sys, json
@@ -35,10 +39,16 @@ open(sys.argv[2] + '.info.json', 'w').write(json.dumps({'bytes': r.stats.bytes_w
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--targets", default="fp8-e4m3fn,nf4,gguf:Q8_0,gguf:Q4_K_S")
-    ap.add_argument("--kquants", action="store_true")
+    ap.add_argument("--targets", default="fp8-e4m3fn,fp8-scaled,nf4,gguf:Q8_0,gguf:Q4_K_S")
+    ap.add_argument("--no-kquants", action="store_true", help="skip the ggml comparison")
+    ap.add_argument("--kquants", action="store_true", help=argparse.SUPPRESS)  # the old default
+    ap.add_argument("--threads", type=int, default=None, help="CONVKIT_THREADS for the runs")
     args = ap.parse_args()
 
+    if args.threads:
+        import os
+        os.environ["CONVKIT_THREADS"] = str(args.threads)
+    print(f"load average {open('/proc/loadavg').read().split()[:3]}", file=sys.stderr)
     src = full_size_checkpoint("sdxl", "F32")
     from convkit.quantize import quantize
 
@@ -47,12 +57,18 @@ def main() -> None:
         ext = "gguf" if t.startswith("gguf:") else "safetensors"
         out = DATA / f"bench_q.{ext}"
         plans[t] = (out, quantize(src, out, t, dry_run=True, overwrite=True).plan)
-    floor_bytes = plans.get("gguf:Q8_0", next(iter(plans.values())))[1].out_bytes
     print(f"input {src} ({src.stat().st_size / 1e9:.2f} GB)", file=sys.stderr)
     for t, (out, p) in plans.items():
         print(f"  {t}: reads {p.in_bytes / 1e9:.2f} GB, writes {p.out_bytes / 1e9:.2f} GB",
               file=sys.stderr)
-    variants = [("io-floor", IO_FLOOR, (str(src), str(DATA / "bench_q.floor"), str(floor_bytes)))]
+    # one I/O floor per output size: reading the whole input and writing (fsync'd) as many bytes
+    # as that target writes -- fp8/nf4 write 6-7 GB, the GGUF targets 1.5-2.7 GB
+    floors: dict[str, int] = {}
+    for t, (_, p) in plans.items():
+        floors.setdefault(f"io-floor {p.out_bytes / 1e9:.2f} GB out", p.out_bytes)
+    floor_of = {t: f"io-floor {p.out_bytes / 1e9:.2f} GB out" for t, (_, p) in plans.items()}
+    variants = [(n, IO_FLOOR, (str(src), str(DATA / "bench_q.floor"), str(b)))
+                for n, b in floors.items()]
     variants += [(f"quantize {t}", CONVKIT, (str(src), str(out), t)) for t, (out, _) in plans.items()]
     best: dict[str, dict] = {}
     for rep in range(args.repeat):
@@ -67,9 +83,22 @@ def main() -> None:
             if name not in best or r.get("seconds", 1e9) < best[name].get("seconds", 1e9):
                 best[name] = r
     rows = [(n, best[n]) for n, _, _ in variants]
-    print(report(rows, "io-floor"))
-    print(json.dumps({"bench": "quantize", "rows": dict(rows)}))
-    if args.kquants:
+    print(f"{'variant':<32} {'seconds':>8} {'x own floor':>12} {'peak RSS MB':>12}")
+    for n, r in rows:
+        if "error" in r:
+            print(f"{n:<32} failed: {r['error']}")
+            continue
+        base = best[floor_of[n[len("quantize "):]]]["seconds"] if n.startswith("quantize ") \
+            else r["seconds"]
+        print(f"{n:<32} {r['seconds']:>8.2f} {r['seconds'] / base:>12.2f} {r['peak_rss_mb']:>12.0f}")
+    print(json.dumps({"bench": "quantize", "load_after": open("/proc/loadavg").read().split()[:3],
+                      "rows": dict(rows)}))
+    for n, r in rows:
+        if "info" in r:
+            i = r["info"]
+            print(f"  {n}: quantize {i['quantize_s']:.2f} s, verify {i['verify_s']:.2f} s, "
+                  f"rel RMSE {i['rel_rmse']}, {i['bytes'] / 1e9:.2f} GB", file=sys.stderr)
+    if not args.no_kquants:
         subprocess.run([sys.executable, str(Path(__file__).parent / "ggml_quants.py"),
                         "--types", "Q8_0,Q6_K,Q5_K,Q4_K,Q3_K,Q2_K"])
 

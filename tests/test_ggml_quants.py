@@ -117,6 +117,22 @@ def test_bad_inputs_raise():
         dequantize(np.zeros((1, 100), np.uint8), "Q4_K")
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"])
+def test_threads_and_out_buffer_give_same_bytes(golden, qtype, monkeypatch):
+    """nthreads > 1 (runs of blocks on a thread pool) and ``out=`` change nothing."""
+    import convkit.kernels.ggml_quants as gq
+
+    monkeypatch.setattr(gq, "CHUNK_VALUES", 2048)     # many runs of blocks, uneven last one
+    x = golden["x_3072"]
+    want = golden[f"{qtype}_3072"]
+    assert np.array_equal(quantize(x, qtype, nthreads=3), want)
+    buf = np.full(want.size, 0xAB, np.uint8)
+    got = quantize(x, qtype, out=buf, nthreads=2)
+    assert np.array_equal(got, want) and np.shares_memory(got, buf)
+    with pytest.raises(ValueError, match="out must be"):
+        quantize(x, qtype, out=np.empty(want.size - 1, np.uint8))
+
+
 # --- optional: live comparison with a local ggml build (dev machines only; skipped in CI) ----
 
 def _ggml_ref():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
+
 import tempfile
 from pathlib import Path
 
@@ -152,3 +152,125 @@ def test_nf4_state_matches_bitsandbytes():
     # dequantizing flattened agrees with the in-memory result and stays accurate
     again = nf4.dequantize("w", outs)
     assert torch.equal(again, deq) and _rel(deq, t) < 0.12
+
+
+# --- the fast paths (numba kernels, chunks on threads) against the libraries' own results ------
+
+def _bnb_cases():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(64 * 10 + 5, generator=g)
+    z[64:128] = 0.0
+    z[-5:] = 0.0
+    tiny_vals = torch.randn(4096, generator=g)
+    tiny_vals[::7] = 1e-30
+    return [torch.randn(320, 40, generator=g) * 0.02, torch.randn(7, generator=g) * 3,
+            torch.randn(1, 129, generator=g), torch.zeros(64, 3), z, tiny_vals,
+            torch.randn(300, 1000, generator=g) * 0.02,
+            (torch.randn(77, 333, generator=g)).half(), torch.randn(64, 64, generator=g).bfloat16()]
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("double", [False, True])
+def test_bnb4_fast_path_is_byte_identical(qt, double, monkeypatch):
+    """quantize_measured (numba, chunked, 2 threads) == bitsandbytes' quantize_4bit, byte for
+    byte, incl. tail blocks, odd lengths, all-zero blocks, fp16/bf16 input, double quant."""
+    import bitsandbytes.functional as F
+
+    from convkit.quantize import fastops
+
+    monkeypatch.setattr(fastops, "CHUNK_VALUES", 4096)   # several chunks per tensor
+    for t in _bnb_cases():
+        outs, sums = nf4.quantize_measured("w", t, qt, double, nthreads=2)
+        q, qs = F.quantize_4bit(t.reshape(1, -1), blocksize=64, quant_type=qt,
+                                compress_statistics=double)
+        qs.shape = torch.Size(t.shape)
+        theirs = qs.as_dict(packed=True)
+        assert torch.equal(outs["w"].reshape(-1), q.reshape(-1)), tuple(t.shape)
+        for k, v in theirs.items():
+            if "quant_state" in k:
+                mine = json.loads(bytes(outs["w." + k].tolist()))
+                assert mine == json.loads(bytes(v.tolist()))
+            else:
+                assert torch.equal(outs["w." + k], v), (k, tuple(t.shape))
+        deq = F.dequantize_4bit(q, qs).float().reshape(-1)
+        src = t.float().reshape(-1)
+        if src.abs().max() > 0 and t.dtype == torch.float32:
+            assert sums.rel_rmse() == pytest.approx(_rel(deq, src), rel=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["F8_E4M3", "F8_E5M2"])
+def test_fp8_fast_path_is_byte_identical(qtype, monkeypatch):
+    from convkit.quantize import fastops, fp8
+
+    monkeypatch.setattr(fastops, "CHUNK_VALUES", 1000)
+    g = torch.Generator().manual_seed(5)
+    for t in [torch.randn(300, 70, generator=g) * 0.02, torch.randn(100, 7, generator=g) * 1000,
+              torch.randn(3, generator=g).half() * 100, torch.zeros(10),
+              torch.randn(33, 65, generator=g).bfloat16()]:
+        w, _, over, bad, sums = fp8.quantize_measured(t, qtype, False, nthreads=2)
+        w0, over0 = fp8.cast(t, qtype)
+        assert torch.equal(w.view(torch.uint8), w0.view(torch.uint8)) and over == over0
+        assert bad == 0 and sums.n == t.numel()
+        w1, s1, _, _, sums1 = fp8.quantize_measured(t, qtype, True, nthreads=2)
+        w2, s2 = fp8.scaled(t, qtype)
+        assert torch.equal(w1.view(torch.uint8), w2.view(torch.uint8)) and torch.equal(s1, s2)
+        if t.abs().max() > 0:
+            assert sums1.rel_rmse() == pytest.approx(_rel(fp8.dequant(w2, s2), t), rel=1e-3)
+    t = torch.randn(50)
+    t[7] = float("nan")
+    assert fp8.quantize_measured(t, qtype, False)[3] == 1
+
+
+@pytest.mark.parametrize("target", ["nf4", "fp8-scaled", "gguf:Q4_K_M"])
+def test_thread_count_does_not_change_the_file(tmp_path, target, monkeypatch):
+    """1 thread or 2, many small chunks: the same bytes (report included)."""
+    from convkit.quantize import fastops
+
+    monkeypatch.setattr(fastops, "CHUNK_VALUES", 2048)
+    src = checkpoint("sdxl")
+    ext = "gguf" if target.startswith("gguf") else "safetensors"
+    files = []
+    for n in ("1", "2"):
+        monkeypatch.setenv("CONVKIT_THREADS", n)
+        out = tmp_path / f"m{n}.{ext}"
+        quantize(src, out, target)
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+
+
+def test_buffer_pool_reuses_and_grows():
+    from convkit.quantize.stream import BufferPool
+
+    pool = BufferPool(2)
+    a = pool.acquire(10)
+    b = pool.acquire(3 << 20)
+    assert a.numel() >= 10 and b.numel() >= 3 << 20
+    pool.release(a)
+    pool.release(b)
+    c = pool.acquire(5)                 # the smallest that fits
+    assert c is a
+    d = pool.acquire(5 << 20)           # none fits, pool full: the larger free one is replaced
+    assert d.numel() >= 5 << 20 and d is not b
+    pool.release(c)
+    pool.release(d)
+    for size in (1, 7 << 20, 2 << 20, 1, 3 << 20):  # never more than 2 buffers alive
+        x = pool.acquire(size)
+        pool.release(x)
+    pool.close()
+    with pytest.raises(RuntimeError):
+        pool.acquire(1)
+
+
+@pytest.mark.parametrize("target", ["fp8-e4m3fn", "nf4", "gguf:Q8_0"])
+def test_one_buffer_pools_give_the_same_file(tmp_path, target, monkeypatch):
+    """With a single read-ahead and a single output buffer every tensor waits for the writer
+    thread to hand its buffer back: no deadlock, same bytes."""
+    from convkit.quantize import run
+
+    src = checkpoint("sdxl")
+    ext = "gguf" if target.startswith("gguf") else "safetensors"
+    quantize(src, tmp_path / f"a.{ext}", target)
+    monkeypatch.setattr(run, "IN_BUFFERS", 1)
+    monkeypatch.setattr(run, "OUT_BUFFERS", 1)
+    quantize(src, tmp_path / f"b.{ext}", target)
+    assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()

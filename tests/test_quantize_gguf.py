@@ -194,3 +194,76 @@ def test_gguf_matches_kernels_bytes(tmp_path):
             assert np.array_equal(np.asarray(t.data).reshape(-1), kernels.quantize(x, "Q4_K").reshape(-1))
             checked += 1
     assert checked > 10
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_fused_decode_error_equals_gguf_py(qtype):
+    """fastops.deq_err_kernel decodes like gguf-py's dequantize (same error sums, exactly)."""
+    from convkit import kernels
+    from convkit.quantize import fastops as fo
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((12, 512)) * 0.02).astype(np.float32)
+    x[0, :256] = 0.0
+    x[1] *= np.float32(1e-6)
+    x[2] *= np.float32(300.0)
+    data = kernels.quantize(x, qtype)
+    bs, ts = kernels.block_info(qtype)
+    want = fo.err_kernel(x.reshape(-1), kernels.dequantize(data, qtype, 512).reshape(-1))
+    got = fo.deq_err_kernel(fo.DEQ_KIND[qtype], data.reshape(-1, ts), x.reshape(-1, bs))
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+
+
+@functools.lru_cache(maxsize=None)
+def wide_sdxl() -> Path:
+    """A tiny SDXL (real classes) whose UNet widths (32/64/128, cross-attn 80) make every
+    quantizable tensor's value count a multiple of 256: the K-quants are really used (directly
+    or through the comfy rows-of-256 rearrangement), not their fallbacks."""
+    import copy
+
+    s = copy.deepcopy(tiny.spec("sdxl"))
+    s["components"]["unet"]["config"].update(block_out_channels=[32, 64, 128],
+                                             attention_head_dim=[2, 4, 8])
+    comps = {}
+    for i, (name, c) in enumerate(s["components"].items()):
+        m = tiny._instantiate(c["class"], c["config"])
+        tiny._reinit(m, i)
+        comps[name] = m.eval()
+    d = Path(tempfile.mkdtemp(prefix="convkit-q-wide-"))
+    return tiny.save_single_file(tiny.TinyModel("sdxl", comps, s["pipeline"], s),
+                                 d / "sdxl_wide.safetensors", torch.float32, layout="sgm")
+
+
+@pytest.mark.parametrize("target,types", [("gguf:Q4_K_S", {"Q4_K", "Q5_K"}),
+                                          ("gguf:Q3_K_M", {"Q3_K", "Q4_K", "Q5_K"}),
+                                          ("gguf:Q6_K", {"Q6_K"})])
+def test_kquants_through_the_whole_pipeline(tmp_path, target, types):
+    """No fallbacks; every block is kernels' bytes for the source rows; shapes restored; errors
+    within the per-type bounds; the report matches a recomputation from the file."""
+    from convkit import kernels
+
+    src = wide_sdxl()
+    out = tmp_path / "m.gguf"
+    res = quantize(src, out, target)
+    assert not res.plan.fallbacks
+    assert types <= set(res.plan.counts())
+    ref = _source_model(src, "model.diffusion_model.")
+    r = gguf.GGUFReader(out)
+    seen = set()
+    by_name = {e.name: e for e in res.report.tensors}
+    for t in r.tensors:
+        q = t.tensor_type.name
+        if q not in types:
+            continue
+        seen.add(q)
+        x = ref[t.name].float().numpy().reshape(-1, 256)
+        data = np.asarray(t.data).reshape(x.shape[0], -1)
+        assert np.array_equal(data, kernels.quantize(x, q)), t.name
+        deq = kernels.dequantize(data, q, 256)
+        rel = float(np.sqrt(np.mean((deq - x) ** 2) / np.mean(x ** 2)))
+        assert rel < BOUND[q], (t.name, rel)
+        assert by_name[t.name].rel_rmse == pytest.approx(rel, rel=1e-3)
+        shape = _field(r, "comfy.gguf.orig_shape." + t.name)
+        stored = tuple(int(d) for d in reversed(t.shape.tolist()))
+        assert (tuple(shape) if shape is not None else stored) == tuple(ref[t.name].shape)
+    assert seen == types

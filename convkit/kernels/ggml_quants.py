@@ -51,11 +51,14 @@ def _quantizer(name: str):
     return kquants.QUANTIZERS[name]
 
 
-def quantize(x: np.ndarray, qtype) -> np.ndarray:
+def quantize(x: np.ndarray, qtype, out: np.ndarray | None = None, nthreads: int = 1) -> np.ndarray:
     """Quantize a float32 2-D array (rows x n, n % block_size == 0) row-wise.
 
     Returns uint8 of shape (rows, n // block_size * type_size), byte-identical to ggml.
     Other float dtypes are converted to float32 first (as ggml's converter does).
+    ``out``: optional C-contiguous uint8 array of that shape (or as many bytes) to fill.
+    ``nthreads`` > 1 quantizes runs of blocks on that many threads (the numba kernels release
+    the GIL); blocks are independent, so the bytes are the same for any thread count.
     """
     t = _qtype(qtype)
     name = t.name
@@ -73,15 +76,27 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
         raise ValueError(f"{name} needs the row length to be a multiple of {bs}, got n={n} "
                          f"(shape {x.shape})")
     nb_row = n // bs
-    out = np.empty((rows, nb_row * ts), dtype=np.uint8)
+    if out is None:
+        out = np.empty((rows, nb_row * ts), dtype=np.uint8)
+    else:
+        if out.dtype != np.uint8 or not out.flags.c_contiguous or out.size != rows * nb_row * ts:
+            raise ValueError(f"out must be C-contiguous uint8 with {rows * nb_row * ts} bytes")
+        out = out.reshape(rows, nb_row * ts)
     if rows == 0 or n == 0:
         return out
     blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(rows * nb_row, bs)
     out_blocks = out.reshape(rows * nb_row, ts)
     fn = _quantizer(name)
     step = max(1, CHUNK_VALUES // bs)
-    for s in range(0, blocks.shape[0], step):
-        fn(blocks[s:s + step], out_blocks[s:s + step])
+    starts = range(0, blocks.shape[0], step)
+    if nthreads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="convkit-kq") as pool:
+            list(pool.map(lambda s: fn(blocks[s:s + step], out_blocks[s:s + step]), starts))
+    else:
+        for s in starts:
+            fn(blocks[s:s + step], out_blocks[s:s + step])
     return out
 
 

@@ -79,13 +79,22 @@ def quantize(input: str | os.PathLike, output: str | os.PathLike, target: str, *
         raise UsageError(f"--rest-dtype must be fp32, fp16, bf16 or source, not '{rest_dtype}'")
     out = Path(output)
     with open_source(input, variant=variant) as raw:
-        src, note = dequantized(raw)
+        notes = []
+        base = raw
+        if raw.format == "diffusers":
+            from .diffusers_in import SingleFileView
+
+            base = SingleFileView(raw, archs.detect(raw))
+            notes.append("input is a diffusers folder: its tensors are mapped to single-file "
+                         "names (fused tensors assembled on load)")
+        src, note = dequantized(base)
         det = archs.detect(src)
         plan = plan_quantize(src, out, tgt, det, layout=layout, type_rules=list(type_rules),
                              scaled_format=scaled_format, double_quant=double_quant,
                              rest_dtype=rest)
         if note:
-            plan.notes.insert(0, note)
+            notes.append(note)
+        plan.notes[:0] = notes
         problems = check_output(out, raw.files() + [raw.path], overwrite, plan.out_bytes)
         extras_plan = None
         if extras_dir is not None:

@@ -62,3 +62,76 @@ def comfy_quant_blob(qtype: str) -> torch.Tensor:
 
 def marker(qtype: str) -> torch.Tensor:
     return torch.zeros(MARKER_VALUES, dtype=dtypes.to_torch(qtype))
+
+
+def _lut(qtype: str):
+    import numpy as np
+
+    return torch.arange(256, dtype=torch.uint8).view(dtypes.to_torch(qtype)).float().numpy() \
+        .astype(np.float32)
+
+
+def quantize_measured(t: torch.Tensor, qtype: str, scaled_: bool, out: torch.Tensor | None = None,
+                      nthreads: int | None = None):
+    """Plain (``scaled_=False``) or scaled fp8 of ``t`` in chunks on ``nthreads`` threads.
+
+    Returns (fp8 tensor shaped like ``t``, float32 scale or None, clamped count, non-finite
+    count, ErrSums). Same bytes as :func:`cast` / :func:`scaled`; ``out`` is an optional
+    reusable uint8 buffer (>= numel bytes). Nothing is cast when values are not finite.
+    """
+    import numpy as np
+
+    from . import fastops as fo
+
+    m = fmax(qtype)
+    fdt = dtypes.to_torch(qtype)
+    x = t.reshape(-1)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    n = x.numel()
+    f32 = x.dtype == torch.float32
+    buf = (out[:n] if out is not None else torch.empty(n, dtype=torch.uint8))
+    w8 = buf.view(fdt)
+    parts = fo.split(n, fo.CHUNK_VALUES)
+    lut = _lut(qtype)
+    mf = np.float32(m)
+
+    def chunk(a, b):
+        xc = x[a:b] if f32 else x[a:b].float()
+        return xc, xc.numpy()
+
+    if not scaled_:
+        def work(a, b):
+            xc, xn = chunk(a, b)
+            bad, over, _ = fo.check_kernel(xn, mf)
+            if bad:
+                return bad, over, None
+            w8[a:b].copy_(xc.clamp(-m, m) if over else xc)
+            return bad, over, fo.err_lut_kernel(xn, buf[a:b].numpy(), lut, np.float32(1.0))
+
+        res = fo.parallel_chunks(work, parts, nthreads)
+        bad = sum(r[0] for r in res)
+        over = sum(r[1] for r in res)
+        sums = fo.ErrSums()
+        if not bad:
+            for (a, b), r in zip(parts, res):
+                sums.add(r[2], b - a)
+        return w8.view(t.shape), None, over, bad, sums
+
+    res = fo.parallel_chunks(lambda a, b: fo.check_kernel(chunk(a, b)[1], mf), parts, nthreads)
+    bad = sum(r[0] for r in res)
+    amax = float(max((r[2] for r in res), default=0.0))
+    scale = torch.tensor(amax / m if amax > 0 else 1.0, dtype=torch.float32)
+    sums = fo.ErrSums()
+    if bad:
+        return w8.view(t.shape), scale, 0, bad, sums
+    sf = np.float32(scale.item())
+
+    def work2(a, b):
+        xc, xn = chunk(a, b)
+        w8[a:b].copy_((xc / scale).clamp_(-m, m))
+        return fo.err_lut_kernel(xn, buf[a:b].numpy(), lut, sf)
+
+    for (a, b), r in zip(parts, fo.parallel_chunks(work2, parts, nthreads)):
+        sums.add(r, b - a)
+    return w8.view(t.shape), scale, 0, bad, sums

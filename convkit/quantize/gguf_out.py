@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,9 @@ class GGUFStreamWriter:
         self.total_bytes = len(head) + offset
         self._next = 0
         self._f = None
+        self._q: queue.Queue = queue.Queue(maxsize=2)
+        self._thread: threading.Thread | None = None
+        self._err: BaseException | None = None
 
     def __enter__(self):
         try:
@@ -115,13 +120,55 @@ class GGUFStreamWriter:
             raise _os_error(e, self.path) from None
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self._cleanup()
+    # -- background writing (write_async) -------------------------------------------------
+    def _drain(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            buf, pad, release = item
+            if self._err is None:
+                try:
+                    self._f.write(buf)
+                    if pad:
+                        self._f.write(b"\0" * pad)
+                except OSError as e:
+                    self._err = _os_error(e, self.path)
+                except BaseException as e:
+                    self._err = e
+            if release is not None:
+                release()
 
-    def write(self, name: str, data: np.ndarray) -> None:
+    def _raise_if_failed(self) -> None:
+        if self._err is not None:
+            err, self._err = self._err, None
+            raise err
+
+    def _stop_thread(self) -> None:
+        t, self._thread = self._thread, None
+        if t is not None:
+            self._q.put(None)
+            t.join()
+
+    def write_async(self, name: str, data: np.ndarray, release=None) -> None:
+        """Like :meth:`write`, but a writer thread writes ``data``; ``release()`` is called
+        (from that thread) once the bytes are written, so the caller can reuse the buffer."""
+        buf = self._check(name, data)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="convkit-gguf-writer",
+                                            daemon=True)
+            self._thread.start()
+        self._raise_if_failed()
+        size = len(buf)
+        while True:
+            try:
+                self._q.put((buf, -size % ALIGN, release), timeout=0.2)
+                break
+            except queue.Full:
+                self._raise_if_failed()
+        self._next += 1
+
+    def _check(self, name: str, data) -> memoryview:
         if self._next >= len(self.tensors) or self.tensors[self._next][0] != name:
             raise UsageError(f"GGUF tensor '{name}' written out of order", path=self.path)
         size = self._sizes[self._next]
@@ -129,6 +176,19 @@ class GGUFStreamWriter:
         if len(buf) != size:
             raise UsageError(f"GGUF tensor '{name}': got {len(buf)} bytes, planned {size}",
                              path=self.path)
+        return buf
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self._cleanup()
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        self._stop_thread()     # keep the order with earlier write_async calls
+        self._raise_if_failed()
+        buf = self._check(name, data)
+        size = len(buf)
         try:
             self._f.write(buf)
             if size % ALIGN:
@@ -138,6 +198,8 @@ class GGUFStreamWriter:
         self._next += 1
 
     def fill_reserved(self, text: str) -> None:
+        self._stop_thread()
+        self._raise_if_failed()
         raw = text.encode("utf-8")[: self._reserve_width]
         raw += b" " * (self._reserve_width - len(raw))
         pos = self._f.tell()
@@ -147,6 +209,8 @@ class GGUFStreamWriter:
 
     def commit(self) -> Path:
         try:
+            self._stop_thread()
+            self._raise_if_failed()
             if self._next != len(self.tensors):
                 raise UsageError(f"only {self._next} of {len(self.tensors)} tensors were written",
                                  path=self.path)
@@ -164,6 +228,10 @@ class GGUFStreamWriter:
         return self.path
 
     def _cleanup(self):
+        try:
+            self._stop_thread()
+        except Exception:
+            pass
         if self._f is not None:
             try:
                 self._f.close()

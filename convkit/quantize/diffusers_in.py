@@ -1,0 +1,111 @@
+"""diffusers-folder input for quantize: the folder seen with single-file (SGM / ComfyUI-Flux) names.
+
+Each single-file tensor is a recipe over the folder's tensors, found with ``convkit.keymap``:
+one source tensor (possibly transformed: VAE attention ``conv1x1``, Flux ``swap_halves``), or the
+concatenation along dim 0 of several (Flux fused qkv / linear1, OpenCLIP ``in_proj``), or a
+tensor real single files carry that diffusers has no parameter for (CLIP ``position_ids``,
+OpenCLIP ``logit_scale``). Shapes and dtypes are worked out on ``meta`` tensors, so nothing is
+read until the quantize plan streams the tensor; fused tensors are assembled on load.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import dtypes, keymap
+from ..keymap import KeyMapError
+from ..sources.base import TensorInfo, TensorSource
+
+
+def _config(folder: Path) -> dict | None:
+    f = folder / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+class SingleFileView(TensorSource):
+    """A diffusers folder (``DiffusersFolder``) presented with single-file names."""
+
+    def __init__(self, inner: TensorSource, det):
+        super().__init__(path=inner.path, format="diffusers-mapped", metadata=dict(inner.metadata))
+        from ..keymap import _fwd, _make_extra
+
+        self.inner = inner
+        self._fwd = _fwd
+        self._recipes: dict[str, tuple] = {}
+        comps = keymap.components(det.arch.name)
+        for comp, keys in det.component_keys.items():
+            if comp not in comps:
+                continue
+            kind, prefix = comps[comp]
+            dprefix = det.layout.prefixes.get(comp, "")
+            names = {k[len(dprefix):]: k for k in keys}
+            meta = {n: torch.empty(inner.info(k).shape, dtype=dtypes.to_torch(inner.info(k).dtype),
+                                   device="meta") for n, k in names.items()}
+            folder = inner.path / dprefix.rstrip("/") if dprefix else inner.path
+            km = keymap.get_map(kind, _config(folder), names=list(meta), side="d", sd=meta)
+            recipes: dict[str, tuple] = {}
+            groups: dict[str, tuple] = {}
+            unknown = []
+            for n, k in names.items():
+                if n in km.drop_diffusers:
+                    continue
+                hit = km.d2s(n)
+                if hit is None:
+                    unknown.append(n)
+                    continue
+                target, i = hit
+                if len(target.parts) == 1:
+                    recipes[target.single] = ("map", target.transform, [k])
+                else:
+                    groups.setdefault(target.single, (target, {}))[1][i] = k
+                    recipes.setdefault(target.single, None)
+            if unknown:
+                raise KeyMapError(f"{len(unknown)} {kind} tensor(s) of '{comp}' have no single-file "
+                                  f"name, e.g. {unknown[:3]}", key=unknown[0])
+            for single, (target, parts) in groups.items():
+                missing = [target.parts[j] for j in range(len(target.parts)) if j not in parts]
+                if missing:
+                    raise KeyMapError(f"fused tensor is missing parts {missing}", key=single)
+                recipes[single] = ("map", target.transform,
+                                   [parts[j] for j in range(len(target.parts))])
+            shapes = {s: self._assemble(r, meta_of=lambda k: meta[k[len(dprefix):]])
+                      for s, r in recipes.items()}
+            for e in km.extras:
+                made = _make_extra(e, shapes)
+                if made is not None:
+                    recipes[e.single] = ("const", made)
+                    shapes[e.single] = made
+            for s, r in recipes.items():
+                t = shapes[s]
+                name = prefix + s
+                self._recipes[name] = r
+                self._infos[name] = TensorInfo(name, dtypes.from_torch(t.dtype), tuple(t.shape),
+                                               t.numel() * t.element_size())
+
+    def _assemble(self, recipe, meta_of=None) -> torch.Tensor:
+        kind, *rest = recipe
+        if kind == "const":
+            return rest[0]
+        transform, keys = rest
+        load = meta_of or self.inner.load
+        parts = [load(k) for k in keys]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return self._fwd(transform, t)
+
+    def _load(self, name: str) -> torch.Tensor:
+        t = self._assemble(self._recipes[name])
+        return t.contiguous()
+
+    def files(self):
+        return self.inner.files()
+
+    def close(self):
+        self.inner.close()
