@@ -159,9 +159,10 @@ def candidates(src: TensorSource) -> tuple[list, list]:
     """(matches, near misses) over every (architecture, layout) pair."""
     matches = []
     near = []
+    in_folder = src.format == "diffusers" and not getattr(src, "lone_component", False)
     for arch in load_all().values():
         for layout in arch.layouts:
-            if layout.folder != (src.format == "diffusers"):
+            if layout.folder != in_folder:
                 continue
             problems = _check(arch, layout, src)
             if not problems:

@@ -289,3 +289,16 @@ def test_chunked_overflow_counts_add_up(tmp_path, monkeypatch, sdxl_like):
     assert r.overflows == {k: 63}
     got = st.load_file(tmp_path / "o.safetensors")[k].float()
     assert math.isinf(got[0, 0]) and (got.view(-1)[1:] == 65504).all()
+
+
+def test_lone_component_folder(sdxl_files, tmp_path):
+    """A bare unet/ folder (config.json + weights) is recognised and converted folder->folder."""
+    _, folder = sdxl_files
+    r = inspect(folder / "unet")
+    assert (r["architecture"], r["layout"]) == ("sdxl", "diffusers-unet")
+    out = tmp_path / "unet-fp16"
+    convert(folder / "unet", out, "fp16")
+    assert (out / "config.json").read_bytes() == (folder / "unet" / "config.json").read_bytes()
+    a = st.load_file(out / "diffusion_pytorch_model.safetensors")
+    b = st.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].half()) for k in b)

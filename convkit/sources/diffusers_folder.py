@@ -68,8 +68,9 @@ class DiffusersFolder(TensorSource):
             names = [k for k, v in self.model_index.items()
                      if not k.startswith("_") and isinstance(v, list)]
             prefixes = {n: f"{n}/" for n in names}
-        else:
+        else:  # a lone component folder (e.g. just unet/): its keys carry no prefix
             prefixes = {"": ""}
+        self.lone_component = not self.model_index
         for comp, prefix in prefixes.items():
             folder = path / comp if comp else path
             files = component_weight_files(folder, variant) if folder.is_dir() else []
