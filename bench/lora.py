@@ -4,11 +4,13 @@ A rank-64 kohya LoRA (fp16) over every attention, feed-forward, proj and conv mo
 generated once (bench/data/sdxl_lora_r64.safetensors). Measured in separate processes:
   io-floor            read the base and write as many bytes as the fp16 output (fsync'd)
   merge-lora fp16     convkit merge-lora BASE LORA -o OUT --dtype fp16
+  merge matmuls only  just the merge's ΔW products (row chunks, addmm_ into a reused buffer, no I/O):
+                      the compute floor of the merge on this machine
   extract-lora r64    convkit extract-lora TUNED BASE --rank 64 --conv-rank 64 (TUNED = BASE with
-                      the LoRA merged, fp32)
+                      the LoRA merged, fp32); its total error and module counts are in the row
 Targets: merge <= 1.3x the I/O floor, peak RSS <= 2 GB.
 
-    python bench/lora.py [--repeat 1] [--skip-extract]
+    python bench/lora.py [--repeat 3] [--skip-extract] [--svd-full]
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, IO_FLOOR, drop, full_size_checkpoint, report, run_measured  # noqa: E402
+from _common import DATA, IO_FLOOR, WARM, drop, full_size_checkpoint, report, run_measured  # noqa: E402
 
 MERGE = """
 import sys
@@ -27,10 +29,31 @@ merge_lora(sys.argv[1], [sys.argv[2]], sys.argv[3], dtype=sys.argv[4] if sys.arg
 """
 
 EXTRACT = """
-import sys
+import json, sys
 from convkit.lora import extract_lora
-r = extract_lora(sys.argv[1], sys.argv[2], sys.argv[3], rank=64, conv_rank=64, overwrite=True)
-print('extract: %d modules, %d skipped, total rel. error %.3e' % (r.modules, r.skipped, r.total_error), file=sys.stderr)
+r = extract_lora(sys.argv[1], sys.argv[2], sys.argv[3], rank=64, conv_rank=64, overwrite=True,
+                 svd=sys.argv[4])
+worst = r.worst(1)
+with open(sys.argv[3] + '.info.json', 'w') as f:
+    json.dump({'modules': r.modules, 'skipped': r.skipped, 'total_error': r.total_error,
+               'worst_error': worst[0][1] if worst else 0.0}, f)
+"""
+
+MATMULS = """
+import sys, torch
+from convkit.lora.formats import read_lora
+lf = read_lora(sys.argv[1])
+fac = [(lf.load(a, 'up').flatten(1), lf.load(a, 'down').flatten(1)) for a in lf.adapters]
+buf = torch.empty(2 << 20)
+import time
+t_mm = time.perf_counter()
+for up, down in fac:
+    row = down.shape[1]
+    rows = -(-up.shape[0] // -(-up.shape[0] // ((2 << 20) // row)))
+    for a in range(0, up.shape[0], rows):
+        b = min(up.shape[0], a + rows)
+        buf[: (b - a) * row].view(b - a, row).addmm_(up[a:b], down)
+open(sys.argv[2], 'w').write('%.4f' % (time.perf_counter() - t_mm))
 """
 
 
@@ -63,6 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--skip-extract", action="store_true")
+    ap.add_argument("--svd-full", action="store_true", help="also time extract-lora --svd full")
     args = ap.parse_args()
     base = full_size_checkpoint("sdxl", "F32")
     lora = make_lora(base)
@@ -71,28 +95,55 @@ def main() -> None:
 
     with open_source(base) as s:
         out_bytes = sum(i.nbytes // 2 if i.dtype == "F32" else i.nbytes for i in s.infos())
+    run_measured(WARM, str(base))
     variants = [("io-floor", IO_FLOOR, (str(base), str(out), str(out_bytes))),
-                ("merge-lora fp16", MERGE, (str(base), str(lora), str(out), "fp16"))]
-    best: dict[str, dict] = {}
+                ("merge-lora fp16", MERGE, (str(base), str(lora), str(out), "fp16")),
+                ("merge matmuls only", MATMULS, (str(lora), str(out) + ".mm"))]
+    runs: dict[str, list[dict]] = {}
     for rep in range(args.repeat):
         for name, code, a in variants:
             drop(out)
             r = run_measured(code, *a)
+            mm = Path(str(out) + ".mm")
+            if mm.exists():    # matmuls only: the timed loop, not the process
+                r["process_seconds"], r["seconds"] = r["seconds"], float(mm.read_text())
+                drop(mm)
             print(f"  rep {rep}: {name}: {json.dumps(r)}", file=sys.stderr)
-            if name not in best or r.get("seconds", 1e9) < best[name].get("seconds", 1e9):
-                best[name] = r
+            runs.setdefault(name, []).append(r)
     drop(out)
-    rows = [(n, best[n]) for n, _, _ in variants]
+    rows = [(n, _best(runs[n])) for n, _, _ in variants]
     if not args.skip_extract:
         tuned = DATA / "bench_lora_tuned_f32.safetensors"
         if not tuned.exists():
             r = run_measured(MERGE, str(base), str(lora), str(tuned), "keep")
             rows.append(("merge-lora fp32 (tuned)", r))
-        r = run_measured(EXTRACT, str(tuned), str(base), str(DATA / "bench_lora_extracted.safetensors"))
-        rows.append(("extract-lora r64", r))
+        for svd in ("auto", "full") if args.svd_full else ("auto",):
+            ext = DATA / "bench_lora_extracted.safetensors"
+            r = run_measured(EXTRACT, str(tuned), str(base), str(ext), svd)
+            info = Path(str(ext) + ".info.json")
+            if info.exists():
+                r.update(json.loads(info.read_text()))
+                drop(info)
+            print(f"  extract-lora r64 --svd {svd}: {json.dumps(r)}", file=sys.stderr)
+            rows.append((f"extract-lora r64 ({svd})", r))
+            drop(ext)
         drop(tuned)
     print(report(rows, "io-floor"))
+    for name, r in rows:
+        if "total_error" in r:
+            print(f"{name}: {r['modules']} modules, {r['skipped']} unchanged, total rel. error "
+                  f"{r['total_error']:.3e} (worst module {r['worst_error']:.3e})")
     print(json.dumps({"bench": "lora", "rows": dict(rows)}))
+
+
+def _best(rs: list[dict]) -> dict:
+    ok = [r for r in rs if "error" not in r]
+    if not ok:
+        return rs[0]
+    best = dict(min(ok, key=lambda r: r["seconds"]))
+    secs = sorted(r["seconds"] for r in ok)
+    best["median_seconds"] = secs[len(secs) // 2]
+    return best
 
 
 if __name__ == "__main__":

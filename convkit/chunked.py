@@ -48,6 +48,12 @@ class _Reader(threading.Thread):
                 isz = dtypes.itemsize(it.src_dtype)
                 n = math.prod(it.shape)
                 step = self.elems_of(it)
+                if not step:  # whole tensor; the buffer only bounds the read-ahead
+                    buf = self._take()
+                    if buf is None:
+                        return
+                    self.full.put((it, 0, None, (buf, self.source.load(it.key))))
+                    continue
                 for start in range(0, n, step):
                     count = min(step, n - start)
                     buf = self._take()
@@ -61,11 +67,19 @@ class _Reader(threading.Thread):
             self.full.put(e)
 
 
-def stream_items(items, source, writer, chunk_fn: ChunkFn, on_progress=None) -> None:
-    """Write ``items`` (all elementwise: same element count in and out) through ``writer``."""
+def stream_items(items, source, writer, chunk_fn: ChunkFn, on_progress=None, *,
+                 elems_of=None, force=None, transform=None) -> None:
+    """Write ``items`` (all elementwise: same element count in and out) through ``writer``.
+
+    Optional per-item policy (casts need none): ``elems_of(item, elems)`` gives the elements per
+    chunk (<= ``elems``, e.g. whole rows), or 0 to read the whole tensor and write
+    ``transform(item, tensor)``; ``force(item)`` runs ``chunk_fn`` even when the dtype stays.
+    Chunks of one item reach ``chunk_fn`` in order.
+    """
     max_isz = max((dtypes.itemsize(i.src_dtype) for i in items), default=1)
     max_osz = max((dtypes.itemsize(i.dtype) for i in items), default=1)
     elems = max(1, CHUNK_BYTES // max_isz)
+    step_of = (lambda it: elems) if elems_of is None else (lambda it: elems_of(it, elems))
 
     in_free: queue.Queue = queue.Queue()
     out_free: queue.Queue = queue.Queue()
@@ -73,8 +87,7 @@ def stream_items(items, source, writer, chunk_fn: ChunkFn, on_progress=None) -> 
         in_free.put(torch.empty(elems * max_isz, dtype=torch.uint8))
         out_free.put(torch.empty(elems * max_osz, dtype=torch.uint8))
     full: queue.Queue = queue.Queue()
-    reader = _Reader(source, [i for i in items if math.prod(i.shape)], lambda it: elems,
-                     in_free, full)
+    reader = _Reader(source, [i for i in items if math.prod(i.shape)], step_of, in_free, full)
     reader.start()
 
     def wait(q: queue.Queue):
@@ -100,8 +113,19 @@ def stream_items(items, source, writer, chunk_fn: ChunkFn, on_progress=None) -> 
                 item, start, count, buf = got
                 assert item is it and start == done  # the reader follows the same order
                 isz, osz = dtypes.itemsize(it.src_dtype), dtypes.itemsize(it.dtype)
+                if count is None:  # whole tensor
+                    token, t = buf
+                    out = transform(it, t)
+                    del t
+                    in_free.put(token)
+                    writer.write(it.out_key, out)
+                    del out
+                    done = n
+                    if on_progress:
+                        on_progress(n * isz)
+                    continue
                 raw = buf[: count * isz]
-                if it.dtype == it.src_dtype:
+                if it.dtype == it.src_dtype and not (force and force(it)):
                     writer.write_part(it.out_key, raw, release=lambda b=buf: in_free.put(b))
                 else:
                     ob = wait(out_free)

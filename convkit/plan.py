@@ -126,12 +126,13 @@ class RunStats:
 
 
 def execute(plan: Plan, transform: Transform, *, overwrite: bool = False,
-            progress: Progress | None = None, chunk_fn=None) -> RunStats:
+            progress: Progress | None = None, chunk_fn=None, **chunk_opts) -> RunStats:
     """Stream the plan: load, transform and write one tensor at a time, atomically.
 
     ``chunk_fn(item, src, out)``, when given, is the same transform as an elementwise kernel
     writing into ``out``; if the source can read byte ranges, the plan is then streamed in
-    fixed-size chunks through reusable buffers (:mod:`convkit.chunked`).
+    fixed-size chunks through reusable buffers (:mod:`convkit.chunked`; ``chunk_opts`` are
+    its per-item options ``elems_of``/``force``, with ``transform`` for whole-tensor items).
     """
     progress = progress or Progress(enabled=False)
     stats = RunStats()
@@ -143,9 +144,9 @@ def execute(plan: Plan, transform: Transform, *, overwrite: bool = False,
                 for i in plan.items) else None
             if plan.folder:
                 with FolderStage(plan.out, overwrite=overwrite) as stage:
-                    _write_folder(plan, stage, transform, bar, stats, chunked)
+                    _write_folder(plan, stage, transform, bar, stats, chunked, chunk_opts)
             else:
-                _write_file(plan, plan.out, "", transform, bar, stats, chunked)
+                _write_file(plan, plan.out, "", transform, bar, stats, chunked, chunk_opts)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; no output was written", path=plan.out) from None
     stats.seconds = time.perf_counter() - t0
@@ -175,12 +176,13 @@ def prefetched(source: TensorSource, items: list[PlanItem]):
 
 
 def _write_file(plan: Plan, path: Path, rel: str, transform: Transform, bar, stats,
-                chunk_fn=None) -> None:
+                chunk_fn=None, chunk_opts=None) -> None:
     items = [i for i in plan.items if i.out_file == rel]
     specs = [OutSpec(i.out_key, i.dtype, i.shape) for i in items]
     with SafetensorsWriter(path, specs, plan.metadata.get(rel)) as w:
         if chunk_fn is not None:
-            stream_items(items, plan.source, w, chunk_fn, on_progress=bar.update)
+            opts = {"transform": transform, **chunk_opts} if chunk_opts else {}
+            stream_items(items, plan.source, w, chunk_fn, on_progress=bar.update, **opts)
             stats.tensors += len(items)
             stats.bytes_read += sum(i.src_bytes for i in items)
             items = []
@@ -196,7 +198,7 @@ def _write_file(plan: Plan, path: Path, rel: str, transform: Transform, bar, sta
 
 
 def _write_folder(plan: Plan, stage: Path, transform: Transform, bar, stats,
-                  chunk_fn=None) -> None:
+                  chunk_fn=None, chunk_opts=None) -> None:
     src_root = plan.source.path
     for rel in plan.copies:
         dst = stage / rel
@@ -209,7 +211,7 @@ def _write_folder(plan: Plan, stage: Path, transform: Transform, bar, stats,
     for rel in plan.files():
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        _write_file(plan, dst, rel, transform, bar, stats, chunk_fn)
+        _write_file(plan, dst, rel, transform, bar, stats, chunk_fn, chunk_opts)
 
 
 def same_path(a: os.PathLike, b: os.PathLike) -> bool:

@@ -182,6 +182,52 @@ def test_fused_slices():
     assert name == "single_blocks.5.linear1.weight" and sl == Slice(0, 1, 4, None, None)
 
 
+def test_parts_public_helper(models):
+    """keymap.parts / ComponentMap: fused single-file tensors split into diffusers rows, the same
+    split to_diffusers() makes, from a config or from the state dict alone."""
+    P = keymap.Part
+    assert keymap.parts("openclip", "transformer.resblocks.3.attn.in_proj_weight", "sdxl") == [
+        P("text_model.encoder.layers.3.self_attn.q_proj.weight", 0, 0, 1280),
+        P("text_model.encoder.layers.3.self_attn.k_proj.weight", 0, 1280, 2560),
+        P("text_model.encoder.layers.3.self_attn.v_proj.weight", 0, 2560, 3840)]
+    lin1 = keymap.parts("flux", "single_blocks.5.linear1.weight", "flux_dev")
+    assert [(p.start, p.stop) for p in lin1] == [(0, 3072), (3072, 6144), (6144, 9216),
+                                                 (9216, 9216 + 12288)]
+    assert lin1[3].name == "single_transformer_blocks.5.proj_mlp.weight"
+    # no config: sizes from the tensor's own length, else unknown
+    assert [(p.start, p.stop) for p in keymap.parts(
+        "flux", "double_blocks.0.img_attn.qkv.weight", None, total=96)] == [(0, 32), (32, 64), (64, 96)]
+    assert keymap.parts("flux", "double_blocks.0.img_attn.qkv.weight")[0].start is None
+    assert keymap.parts("unet", "input_blocks.1.0.in_layers.2.weight", "sdxl") == [
+        P("down_blocks.0.resnets.0.conv1.weight", 0, None, None)]
+    with pytest.raises(KeyMapError):
+        keymap.parts("openclip", "no.such.tensor", "sdxl")
+    # a whole tiny model: every single-file tensor, split by ComponentMap as to_diffusers splits it
+    for arch, comp in [("sdxl", "text_encoder_2"), ("flux_dev", "transformer"), ("sdxl", "unet")]:
+        kind = _kind(arch, comp)
+        single = keymap.to_single_file(kind, models[arch].state_dicts()[comp])
+        back = keymap.to_diffusers(kind, single)
+        cm = keymap.ComponentMap(kind, None, names=list(single), side="s", sd=single)
+        cd = keymap.ComponentMap(kind, None, names=list(back), side="d", sd=back)
+        fused = 0
+        for name, t in single.items():
+            sp = cm.split(name, t.shape[0] if t.ndim else 0)
+            if sp is None:      # single-file-only tensors (position_ids, logit_scale)
+                continue
+            fused += sp.fused
+            for p in sp.parts:
+                piece = t if not sp.fused else t[p.start:p.stop]
+                ref = back[p.name]
+                assert piece.numel() == ref.numel(), (name, p)
+                if sp.transform is None:
+                    assert torch.equal(piece, ref), (name, p)
+            # and back: each part locates its tensor and index
+            for k, p in enumerate(sp.parts):
+                got, idx = cd.locate(p.name)
+                assert got.single == name and idx == k
+        assert fused or kind == "unet", arch
+
+
 def test_errors():
     with pytest.raises(KeyMapError):
         keymap.to_single_file("vae", {"encoder.bogus.weight": torch.zeros(1)})

@@ -129,3 +129,52 @@ def test_convert_roundtrip_same_merge(sdxl, tmp_path):  # noqa: F811
     keys = st.load_file(prev)
     assert any(k.startswith("lora_unet_input_blocks_") for k in keys)   # sd-scripts SDXL names
     assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
+
+
+def test_lowrank_svd_within_bound_of_full(sdxl, tmp_path, monkeypatch):  # noqa: F811
+    """The randomized SVD's error is within 2 % of the full SVD's (the optimum) per module, on the
+    tiny model and on synthetic spectra (flat to fast-decaying); the full path stays available."""
+    import convkit.lora.svd as S
+
+    base_m, base_file, _, _ = sdxl
+    light, _ = perturb(base_m, seed=12)
+    light_file = tiny.save_single_file(light, tmp_path / "l.safetensors")
+    calls = []
+    real = S.lowrank_svd
+    monkeypatch.setattr(S, "lowrank_svd", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    res = {}
+    for svd in ("lowrank", "full"):
+        calls.clear()
+        res[svd] = extract_lora(light_file, base_file, tmp_path / f"{svd}.safetensors", rank=4,
+                                conv_rank=4, svd=svd)
+        assert (len(calls) > 300) if svd == "lowrank" else not calls
+    lo, fu = res["lowrank"], res["full"]
+    assert lo.errors.keys() == fu.errors.keys()
+    for k, e in fu.errors.items():
+        assert fu.errors[k] <= lo.errors[k] * (1 + 1e-5) and lo.errors[k] <= 1.02 * e, k
+    assert lo.total_error <= 1.01 * fu.total_error
+    g = torch.Generator().manual_seed(0)
+    for shape, decay in [((512, 768), 0.0), ((512, 768), 0.5), ((768, 300), 1.0)]:
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g))
+        a = (u * torch.arange(1, k + 1, dtype=torch.float32) ** -decay) @ v.t()
+        for r in (8, 64):
+            e = {}
+            for svd in ("lowrank", "full"):
+                up, down = S.factor(a, r, svd=svd)
+                e[svd] = float((a - up @ down).norm())
+                # the reported error (from singular values where safe) is the true one
+                assert abs(S.residual(a.clone(), up, down, float(a.norm()), True) - e[svd]) \
+                    <= 1e-3 * e[svd]
+            assert e["full"] <= e["lowrank"] <= 1.02 * e["full"], (shape, decay, r)
+
+
+def test_svd_option_and_usage(sdxl, tmp_path):  # noqa: F811
+    import pytest
+
+    from convkit.errors import UsageError
+
+    base_m, base_file, _, _ = sdxl
+    with pytest.raises(UsageError):
+        extract_lora(base_file, base_file, tmp_path / "x.safetensors", rank=4, svd="exact")

@@ -27,6 +27,7 @@ from ._data import load_config, load_toml
 from ._engine import Extra, KeyMap, PatternMap, PrefixMap, Target
 from .unet import UNetStructure, unet_map
 from .vae import VAEStructure, vae_map
+from .parts import ComponentMap, Part, Split, parts
 
 KINDS = ("unet", "vae", "clip_l", "openclip", "t5", "flux")
 
@@ -37,7 +38,7 @@ _KIND_CONFIG = {"unet": "unet", "vae": "vae", "clip_l": "text_encoder", "opencli
 __all__ = [
     "KINDS", "KeyMapError", "Slice", "Resolved", "to_single_file", "to_diffusers", "single_file_name",
     "resolve", "diffusers_names", "components", "archs", "pipeline_class_name", "arch_to_single_file",
-    "arch_to_diffusers", "get_map",
+    "arch_to_diffusers", "get_map", "parts", "Part", "Split", "ComponentMap",
 ]
 
 

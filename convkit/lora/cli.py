@@ -79,10 +79,13 @@ def merge_lora_cmd(base, loras, output, dtype, allow_unmatched, on_overflow, dry
               show_default=True)
 @click.option("--dtype", default="fp16", show_default=True, help="dtype of the LoRA tensors.")
 @click.option("--components", default=None, help="Only these components, e.g. 'unet'.")
+@click.option("--svd", type=click.Choice(["auto", "lowrank", "full"]), default="auto",
+              show_default=True, help="auto: randomized SVD (16 extra directions, 2 power "
+              "iterations) where the rank is small against the module, else full SVD.")
 @click.option("--overwrite", is_flag=True)
 @output_options
 def extract_lora_cmd(tuned, base, output, rank, conv_rank, dynamic, clamp_quantile, min_diff, fmt,
-                     dtype, components, overwrite, quiet, as_json):
+                     dtype, components, svd, overwrite, quiet, as_json):
     """Extract a LoRA from TUNED − BASE by SVD (fp32).
 
     \b
@@ -101,7 +104,8 @@ def extract_lora_cmd(tuned, base, output, rank, conv_rank, dynamic, clamp_quanti
             comps = archs.select_components(det.arch, components, det.component_keys)
     r = extract_lora(tuned, base, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic,
                      clamp_quantile=clamp_quantile, min_diff=min_diff, fmt=fmt, dtype=dtype,
-                     components=comps, overwrite=overwrite, progress=_progress(quiet, as_json))
+                     components=comps, svd=svd, overwrite=overwrite,
+                     progress=_progress(quiet, as_json))
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return

@@ -6,6 +6,7 @@ and loads them when asked.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import dtypes
 from ..errors import InputFormatError, TensorValueError, UsageError
 from ..sources import open_source
 from ..sources.base import TensorSource
@@ -171,17 +173,46 @@ def validate(lf: LoraFile, scan: bool = True) -> list[Exception]:
                     f"rank mismatch in LoHa factors {[list(v) for v in s.values()]}",
                     path=lf.path, key=ad.ref))
     if scan:
-        bad = []
-        for ad in lf.adapters:
-            for role, key in ad.keys.items():
-                t = lf.source.load(key)
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    bad.append(key)
+        bad = nonfinite_keys(lf)
         if bad:
             problems.append(TensorValueError(
                 f"{len(bad)} LoRA tensor(s) hold NaN/Inf, e.g. {bad[:3]}", path=lf.path,
                 hint="the LoRA is broken; re-export or re-train it"))
     return problems
+
+
+_SUM_DTYPE = {"F16": torch.float32, "BF16": torch.float32, "F32": torch.float32,
+              "F64": torch.float64}
+
+
+def nonfinite_keys(lf: LoraFile) -> list[str]:
+    """Keys of the adapters' tensors that hold NaN/Inf.
+
+    One read per tensor into a reused buffer and one reduction: a sum is finite only if every
+    element is (NaN/Inf propagate); only a non-finite sum is checked element by element.
+    """
+    src, buf, bad = lf.source, None, []
+    for ad in lf.adapters:
+        for key in ad.keys.values():
+            info = src.info(key)
+            acc = _SUM_DTYPE.get(info.dtype)
+            n = math.prod(info.shape)
+            if acc is not None and src.supports_ranges and info.nbytes == n * dtypes.itemsize(
+                    info.dtype):
+                if buf is None or buf.numel() < info.nbytes:
+                    buf = torch.empty(max(info.nbytes, 1 << 20), dtype=torch.uint8)
+                t = buf[: info.nbytes]
+                src.read_range(key, 0, t)
+                t = t.view(dtypes.to_torch(info.dtype))
+            else:
+                t = src.load(key)
+            if not t.is_floating_point() or not t.numel():
+                continue
+            if acc is not None and torch.isfinite(t.sum(dtype=acc)):
+                continue
+            if not torch.isfinite(t).all():
+                bad.append(key)
+    return bad
 
 
 def resolve_component(ad: Adapter, table: ModuleTable) -> str | None:
@@ -217,7 +248,6 @@ def match(ad: Adapter, table: ModuleTable) -> Unit | None:
 def check_shape(ad: Adapter, lf: LoraFile, unit: Unit) -> str | None:
     """Why the adapter cannot produce a delta of the unit's shape (None = fits)."""
     src = lf.source
-    import math
     want = math.prod(unit.shape)
     if ad.algo == "lora":
         up, down = ad.shape(src, "up"), ad.shape(src, "down")

@@ -56,41 +56,87 @@ class Unit:
 
 
 @dataclass
-class ModuleTable:
-    arch: str
-    naming: str                                  # naming of the base: sgm | bfl | diffusers
-    kinds: dict[str, str]                        # component -> keymap kind
+class _Comp:
     locs: dict[tuple[str, str], Loc] = field(default_factory=dict)
     units: dict[tuple[str, str], Unit] = field(default_factory=dict)
     under: dict[tuple[str, str], object] = field(default_factory=dict)
+
+
+@dataclass
+class ModuleTable:
+    """Built per component on first use: a UNet-only LoRA never builds the text encoders' part
+    (whose key maps may need to import transformers: seconds)."""
+
+    arch: str
+    naming: str                                  # naming of the base: sgm | bfl | diffusers
+    kinds: dict[str, str]                        # component -> keymap kind
     by_key: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    _comps: dict[str, _Comp] = field(default_factory=dict)
+    _pending: dict[str, object] = field(default_factory=dict)    # component -> builder
+    _merged: dict[str, dict] = field(default_factory=dict)
+    _order: list[str] = field(default_factory=list)               # components in file order
+
+    def comp(self, component: str) -> _Comp:
+        build = self._pending.pop(component, None)
+        if build is not None:
+            build()
+        return self._comps.setdefault(component, _Comp())
+
+    def _all(self, attr: str) -> dict:
+        if attr not in self._merged:
+            out: dict = {}
+            for c in self._order:
+                out.update(getattr(self.comp(c), attr))
+            self._merged[attr] = out
+        return self._merged[attr]
+
+    @property
+    def locs(self) -> dict[tuple[str, str], Loc]:
+        return self._all("locs")
+
+    @property
+    def units(self) -> dict[tuple[str, str], Unit]:
+        return self._all("units")
+
+    @property
+    def under(self) -> dict[tuple[str, str], object]:
+        return self._all("under")
 
     @property
     def diffusion(self) -> str:
         return archs.get(self.arch).diffusion_component
 
+    def unit(self, component: str, name: str) -> Unit | None:
+        return self.comp(component).units.get((component, name)) if component in self.kinds \
+            else None
+
     def lookup(self, component: str, module: str, style: str) -> Unit | None | object:
         """A unit by component and module path (dotted or underscore); AMBIGUOUS if several."""
+        c = self.comp(component)
         if style == "underscore":
-            return self.under.get((component, module))
-        return self.units.get((component, module))
+            return c.under.get((component, module))
+        return c.units.get((component, module))
 
     def unit_weight_locs(self, unit: Unit) -> list[Loc]:
-        return [self.locs[(unit.component, p + ".weight")] for p in unit.parts]
+        locs = self.comp(unit.component).locs
+        return [locs[(unit.component, p + ".weight")] for p in unit.parts]
 
     def bias_loc(self, unit: Unit, part: str) -> Loc | None:
-        return self.locs.get((unit.component, part + ".bias"))
+        return self.comp(unit.component).locs.get((unit.component, part + ".bias"))
+
+    def _units_of(self, component: str | None):
+        for c in ([component] if component is not None else self._order):
+            yield from self.comp(c).units.items()
 
     def diffusers_units(self, component: str | None = None) -> list[Unit]:
-        return [u for (c, _), u in self.units.items()
-                if u.space == "diffusers" and (component is None or c == component)
-                and u.name == _canon_d(self.kinds[c], u.parts[0])]
+        return [u for (c, _), u in self._units_of(component)
+                if u.space == "diffusers" and u.name == _canon_d(self.kinds[c], u.parts[0])]
 
     def single_units(self, component: str | None = None) -> list[Unit]:
         seen = set()
         out = []
-        for (c, _), u in self.units.items():
-            if u.space == "single" and (component is None or c == component) and id(u) not in seen:
+        for _, u in self._units_of(component):
+            if u.space == "single" and id(u) not in seen:
                 seen.add(id(u))
                 out.append(u)
         return out
@@ -119,78 +165,69 @@ def _dshape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
     return shape
 
 
-def _sizes(target, total: int, hidden: int | None) -> list[int]:
-    n = len(target.parts)
-    if target.sizes is None:
-        return [total // n] * n
-    fixed = [hidden if s == "h" else (None if s == "*" else int(s)) for s in target.sizes]
-    known = sum(s for s in fixed if s is not None)
-    return [s if s is not None else total - known for s in fixed]
-
-
 def build_table(arch: str, naming: str, prefixes: dict[str, str],
                 shapes: dict[str, tuple[int, ...]]) -> ModuleTable:
     """Build the table from full base key names (with the layout's prefixes) and their shapes."""
     kinds_all = {c: k for c, (k, _) in keymap.components(arch).items()}
     table = ModuleTable(arch, naming, {c: kinds_all[c] for c in prefixes if c in kinds_all})
     comp_keys, _ = archs.assign(archs.Layout("x", naming, prefixes), shapes)
+    table._order = [c for c in comp_keys if c in table.kinds]   # each built on first use
     for comp, keys in comp_keys.items():
-        if comp not in table.kinds:
-            continue
-        kind = table.kinds[comp]
-        pre = prefixes[comp]
-        names = {k[len(pre):]: shapes[k] for k in keys}
-        meta = {n: torch.empty(s, device="meta") for n, s in names.items()}
-        side = "d" if naming == "diffusers" else "s"
-        km = keymap.get_map(kind, None, names=list(names), side=side, sd=meta)
-        fused: dict[str, tuple] = {}
-        for n, shape in names.items():
-            mod = _module(n)
-            full = pre + n
-            if naming == "diffusers":
-                _add_loc(table, comp, kind, n, Loc(full, None, None, tuple(shape)))
-                hit = km.d2s(n)
-                if hit is None or mod is None or mod[1] == "bias":
-                    continue
-                target, _ = hit
-                smod = _module(target.single)
-                if smod is None:
-                    continue
-                if len(target.parts) == 1:
-                    sshape = _sshape(tuple(shape), target.transform)
-                    _add_unit(table, Unit(comp, smod[0], "single", (_canon_d(kind, mod[0]),),
-                                          (shape[0],), target.transform, sshape), kind)
-                else:
-                    fused.setdefault(smod[0], (target, {}))[1][n] = tuple(shape)
-            else:
-                target = km.s2d(n)
-                if target is None:
-                    continue
-                if len(target.parts) == 1:
-                    sizes = [shape[0]] if shape else [0]
-                else:
-                    sizes = _sizes(target, shape[0], km.hidden)
-                start = 0
-                for p, rows in zip(target.parts, sizes):
-                    span = (start, start + rows) if len(target.parts) > 1 else None
-                    pshape = (rows, *shape[1:]) if len(target.parts) > 1 else tuple(shape)
-                    _add_loc(table, comp, kind, p, Loc(full, span, target.transform,
-                                                       _dshape(pshape, target.transform)))
-                    start += rows
-                if mod is None or mod[1] == "bias":
-                    continue
-                dparts = tuple(_canon_d(kind, _module(p)[0]) for p in target.parts)
-                _add_unit(table, Unit(comp, mod[0], "single", dparts, tuple(sizes),
-                                      target.transform, tuple(shape)), kind)
-        for smod, (target, got) in fused.items():
-            if len(got) != len(target.parts):
-                continue
-            shp = [got[p] for p in target.parts]
-            _add_unit(table, Unit(comp, smod, "single",
-                                  tuple(_canon_d(kind, _module(p)[0]) for p in target.parts),
-                                  tuple(s[0] for s in shp), target.transform,
-                                  (sum(s[0] for s in shp), *shp[0][1:])), kind)
+        if comp in table.kinds:
+            table._pending[comp] = functools.partial(_build_component, table, comp, keys,
+                                                     prefixes[comp], shapes)
     return table
+
+
+def _build_component(table: ModuleTable, comp: str, keys, pre: str, shapes) -> None:
+    naming = table.naming
+    kind = table.kinds[comp]
+    names = {k[len(pre):]: shapes[k] for k in keys}
+    meta = {n: torch.empty(s, device="meta") for n, s in names.items()}
+    side = "d" if naming == "diffusers" else "s"
+    cm = keymap.ComponentMap(kind, None, names=list(names), side=side, sd=meta)
+    fused: dict[str, tuple] = {}
+    for n, shape in names.items():
+        mod = _module(n)
+        full = pre + n
+        if naming == "diffusers":
+            _add_loc(table, comp, kind, n, Loc(full, None, None, tuple(shape)))
+            hit = cm.locate(n)
+            if hit is None or mod is None or mod[1] == "bias":
+                continue
+            sp, _ = hit
+            smod = _module(sp.single)
+            if smod is None:
+                continue
+            if not sp.fused:
+                sshape = _sshape(tuple(shape), sp.transform)
+                _add_unit(table, Unit(comp, smod[0], "single", (_canon_d(kind, mod[0]),),
+                                      (shape[0],), sp.transform, sshape), kind)
+            else:
+                fused.setdefault(smod[0], (sp, {}))[1][n] = tuple(shape)
+        else:
+            sp = cm.split(n, shape[0] if shape else 0)
+            if sp is None or any(p.start is None for p in sp.parts):
+                continue
+            for p in sp.parts:
+                span = (p.start, p.stop) if sp.fused else None
+                pshape = (p.stop - p.start, *shape[1:]) if sp.fused else tuple(shape)
+                _add_loc(table, comp, kind, p.name, Loc(full, span, sp.transform,
+                                                        _dshape(pshape, sp.transform)))
+            if mod is None or mod[1] == "bias":
+                continue
+            dparts = tuple(_canon_d(kind, _module(p.name)[0]) for p in sp.parts)
+            sizes = tuple(p.stop - p.start for p in sp.parts)
+            _add_unit(table, Unit(comp, mod[0], "single", dparts, sizes,
+                                  sp.transform, tuple(shape)), kind)
+    for smod, (sp, got) in fused.items():
+        if len(got) != len(sp.parts):
+            continue
+        shp = [got[p.name] for p in sp.parts]
+        _add_unit(table, Unit(comp, smod, "single",
+                              tuple(_canon_d(kind, _module(p.name)[0]) for p in sp.parts),
+                              tuple(s[0] for s in shp), sp.transform,
+                              (sum(s[0] for s in shp), *shp[0][1:])), kind)
 
 
 def _sshape(dshape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
@@ -204,7 +241,7 @@ def _sshape(dshape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
 def _add_loc(table: ModuleTable, comp: str, kind: str, dparam: str, loc: Loc) -> None:
     mod = _module(dparam)
     canon = _canon_d(kind, mod[0]) + "." + mod[1] if mod else dparam
-    table.locs[(comp, canon)] = loc
+    table._comps.setdefault(comp, _Comp()).locs[(comp, canon)] = loc
     table.by_key.setdefault(loc.key, []).append((comp, canon))
     if mod and mod[1] in ("weight", "scale") and len(loc.dshape) >= 1:
         name = _canon_d(kind, mod[0])
@@ -217,18 +254,19 @@ def _add_unit(table: ModuleTable, unit: Unit, kind: str) -> None:
     names = {unit.name}
     if pre and unit.name.startswith(pre):
         names.add(unit.name[len(pre):])
+    c = table._comps.setdefault(unit.component, _Comp())
     for n in names:
-        old = table.units.get((unit.component, n))
+        old = c.units.get((unit.component, n))
         if old is not None and old.space == "diffusers" and unit.space == "single":
             # a single-file name that equals a diffusers name (CLIP-L, T5): same module
             continue
-        table.units[(unit.component, n)] = unit
+        c.units[(unit.component, n)] = unit
         u = n.replace(".", "_")
-        prev = table.under.get((unit.component, u))
+        prev = c.under.get((unit.component, u))
         if prev is not None and prev is not AMBIGUOUS and prev.parts != unit.parts:
-            table.under[(unit.component, u)] = AMBIGUOUS
+            c.under[(unit.component, u)] = AMBIGUOUS
         elif prev is None:
-            table.under[(unit.component, u)] = unit
+            c.under[(unit.component, u)] = unit
 
 
 def table_for_source(src: TensorSource, det: archs.Detection | None = None) -> ModuleTable:

@@ -1,0 +1,133 @@
+"""merge-lora on row chunks: the streaming fast path.
+
+A plain LoRA delta ``up @ down`` decomposes by output rows: rows ``a:b`` of ΔW are
+``up[a:b] @ down``. So a base tensor whose patches are all plain LoRAs (no DoRA, no Tucker core,
+no transpose) is streamed like a dtype cast (:mod:`convkit.chunked`): whole rows are read into
+reusable buffers, the deltas are added in place in fp32 (``addmm_``), the chunk is cast into a
+reusable output buffer and written, while the next chunk is being read. No per-tensor
+allocation, the matmuls overlap the I/O. Every other patch (LoHa, LoKr, DoRA, full diffs,
+biases, transposed or swapped tensors) makes its tensor a whole-tensor item
+(:func:`convkit.lora.merge.apply_patch`).
+
+Per element the arithmetic is the whole-tensor path's: ``W += s·(up·down)`` with the same
+``addmm_`` (or ``W += weight·((up·down)·alpha/rank)``), patches in the same order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..casts import CastContext, cast_into
+from .table import ModuleTable
+
+_ROW_TRANSFORMS = (None, "conv1x1")   # keymap transforms that keep rows as rows
+
+
+@dataclass
+class RowOp:
+    patch: object           # merge.Patch
+    lo: int                 # base rows lo:hi hold this part of the unit
+    hi: int
+    off: int                # up row of base row lo
+    fast: bool              # addmm_(alpha=scale·weight), else += weight·((up·down)·scale)
+
+
+def row_ops(table: ModuleTable, key: str, shape: tuple[int, ...], patches) -> list[RowOp] | None:
+    """The row-decomposable form of ``patches`` on base tensor ``key``; None if one is not."""
+    if len(shape) < 2:
+        return None
+    ops = []
+    for p in patches:
+        unit, ad = p.unit, p.ad
+        if p.bias or ad.dora or not ad.is_fused_lora or unit.transform not in _ROW_TRANSFORMS:
+            return None
+        locs = table.unit_weight_locs(unit)
+        mine = [i for i, loc in enumerate(locs) if loc.key == key]
+        if any(locs[i].transform not in _ROW_TRANSFORMS for i in mine):
+            return None
+        # the whole-tensor path's choice between its two formulas (merge.apply_patch)
+        fast = not unit.transform
+        offsets = [sum(unit.sizes[:i]) for i in range(len(unit.sizes) + 1)]
+        for i in mine:
+            lo, hi = locs[i].rows or (0, shape[0])
+            off = offsets[i] if len(locs) > 1 else 0
+            ops.append(RowOp(p, lo, hi, off, fast))
+    return ops
+
+
+class RowMerger:
+    """``elems_of`` / ``force`` / ``chunk_fn`` for :func:`convkit.plan.execute`."""
+
+    def __init__(self, table: ModuleTable, patches: dict, ctx: CastContext):
+        self.table, self.patches, self.ctx = table, patches, ctx
+        self.ops: dict[str, list[RowOp] | None] = {}
+        self._key: str | None = None
+        self._pos = 0
+        self._factors: dict[int, tuple] = {}
+        self._scratch: torch.Tensor | None = None
+
+    def _ops(self, it) -> list[RowOp] | None:
+        if it.key not in self.ops:
+            self.ops[it.key] = row_ops(self.table, it.key, tuple(it.shape), self.patches[it.key])
+        return self.ops[it.key]
+
+    def elems_of(self, it, elems: int) -> int:
+        """Elements per chunk: any for untouched tensors, whole rows for patched ones, 0 (whole
+        tensor) when a patch does not decompose by rows."""
+        if it.key not in self.patches:
+            return elems
+        row = math.prod(it.shape[1:]) if len(it.shape) > 1 else 1
+        if self._ops(it) is None or row > elems:
+            return 0
+        # equal chunks, no small tail: BLAS picks other kernels (other rounding) for a few rows
+        n = -(-it.shape[0] // (elems // row))
+        return -(-it.shape[0] // n) * row
+
+    def force(self, it) -> bool:
+        return it.key in self.patches
+
+    def _load(self, op: RowOp) -> tuple:
+        p = op.patch
+        got = self._factors.get(id(p))
+        if got is None:
+            up = p.lf.load(p.ad, "up").flatten(1)
+            down = p.lf.load(p.ad, "down").flatten(1)
+            got = self._factors[id(p)] = (up, down, p.ad.scale(p.lf.source), p.strength)
+        return got
+
+    def __call__(self, it, src: torch.Tensor, out: torch.Tensor) -> None:
+        if it.key not in self.patches:
+            cast_into(it.key, src, out, self.ctx)
+            return
+        if it.key != self._key:                 # first chunk of a new tensor
+            self._key, self._pos, self._factors = it.key, 0, {}
+        row = math.prod(it.shape[1:])
+        r0, n = self._pos // row, src.numel() // row
+        self._pos += src.numel()
+        if src.dtype == torch.float32:
+            w = src                             # our own read buffer: add in place
+        else:
+            if self._scratch is None or self._scratch.numel() < src.numel():
+                self._scratch = torch.empty(src.numel(), dtype=torch.float32)
+            w = self._scratch[: src.numel()]
+            w.copy_(src)
+        w2 = w.view(n, row)
+        for op in self._ops(it):
+            a, b = max(op.lo, r0), min(op.hi, r0 + n)
+            if a >= b:
+                continue
+            up, down, scale, strength = self._load(op)
+            u = up[op.off + a - op.lo: op.off + b - op.lo]
+            tgt = w2[a - r0: b - r0]
+            if op.fast:
+                tgt.addmm_(u, down, alpha=scale * strength)
+            else:
+                tgt += strength * ((u @ down) * scale)
+        if self._pos == math.prod(it.shape):
+            self._key, self._factors = None, {}
+        if out.dtype == torch.float32:
+            out.copy_(w)
+        else:
+            cast_into(it.key, w, out, self.ctx)
