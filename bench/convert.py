@@ -23,6 +23,8 @@ from _common import (DATA, IO_FLOOR, WARM, drop, evict, full_size_checkpoint, re
 
 CONVKIT = """
 import sys
+from convkit.runtime import prefer_io_friendly_threads
+prefer_io_friendly_threads()   # what the convkit command does before importing torch
 from convkit.convert import convert
 convert(sys.argv[1], sys.argv[2], 'fp16', overwrite=True)
 """

@@ -24,12 +24,16 @@ from _common import DATA, IO_FLOOR, WARM, drop, full_size_checkpoint, report, ru
 
 MERGE = """
 import sys
+from convkit.runtime import prefer_io_friendly_threads
+prefer_io_friendly_threads()   # as the convkit command does
 from convkit.lora import merge_lora
 merge_lora(sys.argv[1], [sys.argv[2]], sys.argv[3], dtype=sys.argv[4] if sys.argv[4] != 'keep' else None, overwrite=True)
 """
 
 EXTRACT = """
 import json, sys
+from convkit.runtime import prefer_io_friendly_threads
+prefer_io_friendly_threads()   # as the convkit command does
 from convkit.lora import extract_lora
 r = extract_lora(sys.argv[1], sys.argv[2], sys.argv[3], rank=64, conv_rank=64, overwrite=True,
                  svd=sys.argv[4])

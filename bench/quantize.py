@@ -28,6 +28,8 @@ from _common import DATA, IO_FLOOR, drop, full_size_checkpoint, run_measured  # 
 
 CONVKIT = """
 import sys, json
+from convkit.runtime import prefer_io_friendly_threads
+prefer_io_friendly_threads()   # as the convkit command does
 from convkit.quantize import quantize
 r = quantize(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)
 open(sys.argv[2] + '.info.json', 'w').write(json.dumps({'bytes': r.stats.bytes_written, 'verify_s': r.stats.verify_seconds,

@@ -10,11 +10,15 @@ import os
 import signal
 import sys
 
-import click
+from .runtime import prefer_io_friendly_threads
 
-from . import __version__
-from .errors import ConvkitError
-from .progress import Progress
+prefer_io_friendly_threads()  # before anything imports torch
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import ConvkitError  # noqa: E402
+from .progress import Progress  # noqa: E402
 
 
 def _emit_error(msg: str) -> None:

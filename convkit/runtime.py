@@ -1,0 +1,15 @@
+"""Process-wide settings for streaming work, applied by the CLI before torch is imported.
+
+OpenMP's default wait policy keeps idle worker threads spinning after every torch operation;
+on a 2-core machine that spin takes the core the reader and writer threads need, and a
+streaming conversion slows down although it does little arithmetic. PASSIVE lets idle OpenMP
+threads sleep. It only takes effect if set before torch is first imported, and it is only a
+default: a value in the environment wins.
+"""
+from __future__ import annotations
+
+import os
+
+
+def prefer_io_friendly_threads() -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
