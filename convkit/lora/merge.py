@@ -326,10 +326,13 @@ def merge_lora(base: str | os.PathLike, loras, output: str | os.PathLike, *,
                 return registry.get("cast", item.dtype)(item.key, t, ctx)
 
             rows = RowMerger(table, patches, ctx)
-            # leave a core to the reader and writer threads: torch's idle OpenMP workers spin
-            # and would take it from them (2 cores: 1.95x -> 1.6x the I/O floor)
+            # leave a core to the reader and writer threads when torch's idle OpenMP workers
+            # spin (the default wait policy; 2 cores: 1.95x -> 1.6x the I/O floor). The CLI
+            # makes them sleep instead (convkit.runtime), and then all cores can compute.
             threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, threads - 1))
+            if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" or \
+                    os.environ.get("CONVKIT_MERGE_SPARE_CORE") == "1":
+                torch.set_num_threads(max(1, threads - 1))
             try:
                 result.stats = execute(plan, transform, overwrite=overwrite, progress=progress,
                                        chunk_fn=rows, elems_of=rows.elems_of, force=rows.force)
