@@ -64,6 +64,20 @@ def output_options(f):
     return f
 
 
+def emit_plan_or_json(result, *, as_json: bool, dry_run: bool, quiet: bool = False,
+                      limit: int | None = None) -> bool:
+    """Print a command's --json result or its --dry-run plan; True if nothing more to print."""
+    if as_json:
+        d = result.to_dict()
+        if dry_run:
+            d["plan"] = result.plan.to_dict()
+        click.echo(json.dumps(d, indent=2))
+        return True
+    if dry_run and not quiet:
+        click.echo(result.plan.format(limit=limit) if limit else result.plan.format())
+    return dry_run or quiet
+
+
 def _progress(quiet: bool, as_json: bool) -> Progress:
     return Progress(enabled=not (quiet or as_json) and sys.stderr.isatty())
 
@@ -142,23 +156,15 @@ def convert(input, output, dtype, components, on_overflow, dry_run, overwrite, n
                         dry_run=dry_run, on_overflow=on_overflow, detect=not no_detect,
                         variant=variant, max_shard_bytes=parse_size(max_shard_size),
                         progress=_progress(quiet, as_json))
-    if as_json:
-        d = result.to_dict()
-        if dry_run:
-            d["plan"] = result.plan.to_dict()
-        click.echo(json.dumps(d, indent=2))
+    if emit_plan_or_json(result, as_json=as_json, dry_run=dry_run, quiet=quiet):
         return
-    if dry_run:
-        click.echo(result.plan.format())
-        return
-    if not quiet:
-        s = result.stats
-        click.echo(f"wrote {result.plan.out} ({s.bytes_written:,d} bytes, {s.tensors} tensors, "
-                   f"{s.seconds:.1f} s)")
-        for n in result.plan.notes:
-            click.echo(f"note: {n}")
-        for name, count in sorted(result.overflows.items(), key=lambda kv: -kv[1])[:20]:
-            click.echo(f"overflow: {name}: {count} values")
+    s = result.stats
+    click.echo(f"wrote {result.plan.out} ({s.bytes_written:,d} bytes, {s.tensors} tensors, "
+               f"{s.seconds:.1f} s)")
+    for n in result.plan.notes:
+        click.echo(f"note: {n}")
+    for name, count in sorted(result.overflows.items(), key=lambda kv: -kv[1])[:20]:
+        click.echo(f"overflow: {name}: {count} values")
 
 
 @main.command()

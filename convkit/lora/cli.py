@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..cli import _progress, main, output_options
+from ..cli import _progress, emit_plan_or_json, main, output_options
 
 
 @main.command("merge-lora")
@@ -41,14 +41,11 @@ def merge_lora_cmd(base, loras, output, dtype, allow_unmatched, on_overflow, dry
                    overwrite=overwrite, dry_run=dry_run, on_overflow=on_overflow,
                    progress=_progress(quiet, as_json))
     if as_json:
-        d = r.to_dict()
-        if dry_run:
-            d["plan"] = r.plan.to_dict()
-        click.echo(json.dumps(d, indent=2))
+        emit_plan_or_json(r, as_json=True, dry_run=dry_run)
         return
     if quiet:
         return
-    if dry_run:
+    if dry_run:  # the plan, then what each LoRA would touch
         click.echo(r.plan.format(limit=40))
     for rep in r.loras:
         click.echo(f"{rep.path} x{rep.weight:g}: {rep.modules} modules "

@@ -1,11 +1,10 @@
 """``convkit quantize IN OUT --to TARGET`` (registered on the main group when imported)."""
 from __future__ import annotations
 
-import json
 
 import click
 
-from ..cli import _progress, main, output_options
+from ..cli import _progress, emit_plan_or_json, main, output_options
 
 
 @main.command("quantize")
@@ -64,16 +63,7 @@ def quantize_cmd(input, output, target, layout, type_rules, scaled_format, doubl
                          rest_dtype=rest_dtype, extras_dir=extras_dir, report_path=report_path,
                          overwrite=overwrite, dry_run=dry_run, verify=not no_verify,
                          variant=variant, progress=_progress(quiet, as_json))
-    if as_json:
-        d = result.to_dict()
-        if dry_run:
-            d["plan"] = result.plan.to_dict()
-        click.echo(json.dumps(d, indent=2))
-        return
-    if dry_run:
-        click.echo(result.plan.format())
-        return
-    if quiet:
+    if emit_plan_or_json(result, as_json=as_json, dry_run=dry_run, quiet=quiet):
         return
     s = result.stats
     click.echo(f"wrote {result.plan.out} ({s.bytes_written:,d} bytes, {len(result.plan.items)} "
