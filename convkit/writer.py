@@ -134,6 +134,65 @@ def _os_error(e: OSError, path: Path) -> OutputError:
     return OutputError(f"cannot write ({e.strerror or e})", path=path)
 
 
+class WriterThread:
+    """Writes queued byte buffers to a file in order, from one background thread.
+
+    ``write(buf)`` is the file write (called on the thread; OSError becomes the convkit error
+    for ``path``). A failure is kept and raised in the producer on its next ``put``/``check``;
+    ``release()`` callbacks run once a buffer is written (or dropped after a failure), so
+    producers can recycle buffers. ``stop()`` drains the queue and joins; it is safe to call
+    when the thread never started.
+    """
+
+    def __init__(self, write, path: Path, depth: int = 2, name: str = "convkit-writer"):
+        self._write, self._path = write, path
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._err: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._drain, name=name,
+                                                                 daemon=True)
+
+    def start(self) -> "WriterThread":
+        self._thread.start()
+        return self
+
+    def put(self, data, release=None) -> None:
+        self.check()
+        while True:
+            try:
+                self._q.put((data, release), timeout=0.2)
+                return
+            except queue.Full:
+                self.check()
+
+    def check(self) -> None:
+        if self._err is not None:
+            err, self._err = self._err, None
+            raise err
+
+    def stop(self) -> None:
+        t, self._thread = self._thread, None
+        if t is None or t.ident is None:  # never started (e.g. Ctrl-C inside start())
+            return
+        self._q.put(_STOP)
+        t.join()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is _STOP:
+                return
+            data, release = item
+            if self._err is None:
+                try:
+                    self._write(data)
+                except OSError as e:
+                    self._err = _os_error(e, self._path)
+                except BaseException as e:  # reported to the producer on its next call
+                    self._err = e
+            if release is not None:
+                release()
+
+
 class SafetensorsWriter:
     """Write one safetensors file from a known list of tensors, streaming and atomically.
 
@@ -153,9 +212,8 @@ class SafetensorsWriter:
         self.tmp = temp_path_for(self.path)
         self._f = None
         self._threaded = threaded
-        self._q: queue.Queue = queue.Queue(maxsize=queue_depth)
-        self._err: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._queue_depth = queue_depth
+        self._thread: WriterThread | None = None
         self._part = 0  # bytes of the current tensor received through write_part
         self.bytes_written = 0
 
@@ -165,8 +223,7 @@ class SafetensorsWriter:
             self._f = open(self.tmp, "xb")
             self._f.write(self._header)
             if self._threaded:
-                self._thread = threading.Thread(target=self._drain, name="convkit-writer",
-                                                daemon=True)
+                self._thread = WriterThread(self._write_bytes, self.path, self._queue_depth)
                 self._thread.start()
         except OSError as e:
             self.abort()
@@ -224,18 +281,12 @@ class SafetensorsWriter:
         self._enqueue(data, release)
 
     def _enqueue(self, data, release) -> None:
-        if not self._threaded:
+        if self._thread is None:
             self._write_checked(data)
             if release is not None:
                 release()
             return
-        self._raise_if_failed()
-        while True:
-            try:
-                self._q.put((data, release), timeout=0.2)
-                return
-            except queue.Full:
-                self._raise_if_failed()
+        self._thread.put(data, release)
 
     def check_alive(self) -> None:
         """Raise the writer thread's error, if it had one (for callers waiting on buffers)."""
@@ -285,31 +336,13 @@ class SafetensorsWriter:
         except OSError as e:
             raise _os_error(e, self.path) from None
 
-    def _drain(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is _STOP:
-                return
-            data, release = item
-            if self._err is None:
-                try:
-                    self._write_checked(data)
-                except BaseException as e:  # reported to the producer on its next call
-                    self._err = e
-            if release is not None:
-                release()
-
     def _raise_if_failed(self) -> None:
-        if self._err is not None:
-            err, self._err = self._err, None
-            raise err
+        if self._thread is not None:
+            self._thread.check()
 
     def _stop_thread(self) -> None:
-        t, self._thread = self._thread, None
-        if t is None or t.ident is None:  # never started (e.g. Ctrl-C inside start())
-            return
-        self._q.put(_STOP)
-        t.join()
+        if self._thread is not None:
+            self._thread.stop()
 
     def _cleanup(self) -> None:
         if self._f is not None:

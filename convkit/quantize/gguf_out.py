@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import UsageError
-from ..writer import _os_error, temp_path_for
+from ..writer import WriterThread, _os_error, temp_path_for
 
 ALIGN = 32
 MAGIC = b"GGUF"
@@ -107,9 +105,7 @@ class GGUFStreamWriter:
         self.total_bytes = len(head) + offset
         self._next = 0
         self._f = None
-        self._q: queue.Queue = queue.Queue(maxsize=2)
-        self._thread: threading.Thread | None = None
-        self._err: BaseException | None = None
+        self._thread: WriterThread | None = None
 
     def __enter__(self):
         try:
@@ -121,51 +117,29 @@ class GGUFStreamWriter:
         return self
 
     # -- background writing (write_async) -------------------------------------------------
-    def _drain(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            buf, pad, release = item
-            if self._err is None:
-                try:
-                    self._f.write(buf)
-                    if pad:
-                        self._f.write(b"\0" * pad)
-                except OSError as e:
-                    self._err = _os_error(e, self.path)
-                except BaseException as e:
-                    self._err = e
-            if release is not None:
-                release()
+    def _write_padded(self, buf) -> None:
+        self._f.write(buf)
+        if len(buf) % ALIGN:
+            self._f.write(b"\0" * (-len(buf) % ALIGN))
 
     def _raise_if_failed(self) -> None:
-        if self._err is not None:
-            err, self._err = self._err, None
-            raise err
+        if self._thread is not None:
+            self._thread.check()
 
     def _stop_thread(self) -> None:
         t, self._thread = self._thread, None
         if t is not None:
-            self._q.put(None)
-            t.join()
+            t.stop()
+            t.check()  # a failure of the finished thread surfaces here
 
     def write_async(self, name: str, data: np.ndarray, release=None) -> None:
         """Like :meth:`write`, but a writer thread writes ``data``; ``release()`` is called
         (from that thread) once the bytes are written, so the caller can reuse the buffer."""
         buf = self._check(name, data)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._drain, name="convkit-gguf-writer",
-                                            daemon=True)
-            self._thread.start()
-        self._raise_if_failed()
-        size = len(buf)
-        while True:
-            try:
-                self._q.put((buf, -size % ALIGN, release), timeout=0.2)
-                break
-            except queue.Full:
-                self._raise_if_failed()
+            self._thread = WriterThread(self._write_padded, self.path, 2,
+                                        "convkit-gguf-writer").start()
+        self._thread.put(buf, release)
         self._next += 1
 
     def _check(self, name: str, data) -> memoryview:
