@@ -28,9 +28,11 @@ _END = object()
 class _Reader(threading.Thread):
     """Reads every item's bytes, chunk by chunk, into buffers taken from ``free``."""
 
-    def __init__(self, source, items, elems_of, free: queue.Queue, full: queue.Queue):
+    def __init__(self, source, items, elems_of, free: queue.Queue, full: queue.Queue,
+                 prepare=None):
         super().__init__(name="convkit-chunk-reader", daemon=True)
         self.source, self.items, self.elems_of = source, items, elems_of
+        self.prepare = prepare
         self.free, self.full = free, full
         self.stop = threading.Event()
 
@@ -61,6 +63,8 @@ class _Reader(threading.Thread):
                         return
                     view = buf[: count * isz]
                     self.source.read_range(it.key, start * isz, view)
+                    if self.prepare is not None:  # in-place work that overlaps the caller's
+                        self.prepare(it, start, count, view)
                     self.full.put((it, start, count, buf))
             self.full.put(_END)
         except BaseException as e:  # handed to the consumer
@@ -68,12 +72,14 @@ class _Reader(threading.Thread):
 
 
 def stream_items(items, source, writer, chunk_fn: ChunkFn, on_progress=None, *,
-                 elems_of=None, force=None, transform=None) -> None:
+                 elems_of=None, force=None, transform=None, prepare=None) -> None:
     """Write ``items`` (all elementwise: same element count in and out) through ``writer``.
 
     Optional per-item policy (casts need none): ``elems_of(item, elems)`` gives the elements per
     chunk (<= ``elems``, e.g. whole rows), or 0 to read the whole tensor and write
-    ``transform(item, tensor)``; ``force(item)`` runs ``chunk_fn`` even when the dtype stays.
+    ``transform(item, tensor)``; ``force(item)`` runs ``chunk_fn`` even when the dtype stays;
+    ``prepare(item, start, count, raw_bytes)`` runs on the reader thread right after a chunk is
+    read and may change those bytes in place (so that work overlaps ``chunk_fn``).
     Chunks of one item reach ``chunk_fn`` in order.
     """
     max_isz = max((dtypes.itemsize(i.src_dtype) for i in items), default=1)
@@ -87,7 +93,8 @@ def stream_items(items, source, writer, chunk_fn: ChunkFn, on_progress=None, *,
         in_free.put(torch.empty(elems * max_isz, dtype=torch.uint8))
         out_free.put(torch.empty(elems * max_osz, dtype=torch.uint8))
     full: queue.Queue = queue.Queue()
-    reader = _Reader(source, [i for i in items if math.prod(i.shape)], step_of, in_free, full)
+    reader = _Reader(source, [i for i in items if math.prod(i.shape)], step_of, in_free, full,
+                     prepare)
     reader.start()
 
     def wait(q: queue.Queue):

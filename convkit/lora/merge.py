@@ -335,7 +335,8 @@ def merge_lora(base: str | os.PathLike, loras, output: str | os.PathLike, *,
                 torch.set_num_threads(max(1, threads - 1))
             try:
                 result.stats = execute(plan, transform, overwrite=overwrite, progress=progress,
-                                       chunk_fn=rows, elems_of=rows.elems_of, force=rows.force)
+                                       chunk_fn=rows, elems_of=rows.elems_of, force=rows.force,
+                                       prepare=rows.prepare)
             finally:
                 torch.set_num_threads(threads)
             if ctx.overflows:

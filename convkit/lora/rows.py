@@ -67,6 +67,8 @@ class RowMerger:
         self._pos = 0
         self._factors: dict[int, tuple] = {}
         self._scratch: torch.Tensor | None = None
+        self._rkey: str | None = None          # the reader thread's own position (prepare)
+        self._rfactors: dict[int, tuple] = {}
 
     def _ops(self, it) -> list[RowOp] | None:
         if it.key not in self.ops:
@@ -88,18 +90,51 @@ class RowMerger:
     def force(self, it) -> bool:
         return it.key in self.patches
 
-    def _load(self, op: RowOp) -> tuple:
+    def _load(self, op: RowOp, cache: dict | None = None) -> tuple:
+        cache = self._factors if cache is None else cache
         p = op.patch
-        got = self._factors.get(id(p))
+        got = cache.get(id(p))
         if got is None:
             up = p.lf.load(p.ad, "up").flatten(1)
             down = p.lf.load(p.ad, "down").flatten(1)
-            got = self._factors[id(p)] = (up, down, p.ad.scale(p.lf.source), p.strength)
+            got = cache[id(p)] = (up, down, p.ad.scale(p.lf.source), p.strength)
         return got
 
+    def _in_reader(self, it) -> bool:
+        return it.key in self.patches and it.src_dtype == "F32"
+
+    def _apply(self, it, w2: torch.Tensor, r0: int, cache: dict) -> None:
+        n = w2.shape[0]
+        for op in self._ops(it):
+            a, b = max(op.lo, r0), min(op.hi, r0 + n)
+            if a >= b:
+                continue
+            up, down, scale, strength = self._load(op, cache)
+            u = up[op.off + a - op.lo: op.off + b - op.lo]
+            tgt = w2[a - r0: b - r0]
+            if op.fast:
+                tgt.addmm_(u, down, alpha=scale * strength)
+            else:
+                tgt += strength * ((u @ down) * scale)
+
+    def prepare(self, it, start: int, count: int, raw: torch.Tensor) -> None:
+        """Reader thread: add the deltas in place into an fp32 chunk just read (our buffer)."""
+        if not self._in_reader(it):
+            return
+        if it.key != self._rkey:
+            self._rkey, self._rfactors = it.key, {}
+        row = math.prod(it.shape[1:])
+        self._apply(it, raw.view(torch.float32).view(count // row, row), start // row,
+                    self._rfactors)
+        if start + count == math.prod(it.shape):
+            self._rkey, self._rfactors = None, {}
+
     def __call__(self, it, src: torch.Tensor, out: torch.Tensor) -> None:
-        if it.key not in self.patches:
-            cast_into(it.key, src, out, self.ctx)
+        if it.key not in self.patches or self._in_reader(it):  # deltas already added
+            if out.dtype == src.dtype:
+                out.copy_(src)
+            else:
+                cast_into(it.key, src, out, self.ctx)
             return
         if it.key != self._key:                 # first chunk of a new tensor
             self._key, self._pos, self._factors = it.key, 0, {}
@@ -113,18 +148,7 @@ class RowMerger:
                 self._scratch = torch.empty(src.numel(), dtype=torch.float32)
             w = self._scratch[: src.numel()]
             w.copy_(src)
-        w2 = w.view(n, row)
-        for op in self._ops(it):
-            a, b = max(op.lo, r0), min(op.hi, r0 + n)
-            if a >= b:
-                continue
-            up, down, scale, strength = self._load(op)
-            u = up[op.off + a - op.lo: op.off + b - op.lo]
-            tgt = w2[a - r0: b - r0]
-            if op.fast:
-                tgt.addmm_(u, down, alpha=scale * strength)
-            else:
-                tgt += strength * ((u @ down) * scale)
+        self._apply(it, w.view(n, row), r0, self._factors)
         if self._pos == math.prod(it.shape):
             self._key, self._factors = None, {}
         if out.dtype == torch.float32:
