@@ -120,13 +120,7 @@ def run_demo(out_dir, arch: str = "sdxl", echo: Callable[[str], None] | None = N
 
     folder16 = out / f"tiny-{arch}-diffusers-fp16"
     convert(folder, folder16, "fp16", overwrite=overwrite)
-    with open_source(folder) as a, open_source(folder16) as b:
-        bad = [k for k in a.keys() if not torch.equal(
-            b.load(k), a.load(k).half() if a.load(k).is_floating_point() else a.load(k))]
-        if bad or a.keys() != b.keys():
-            raise DemoCheckFailed("diffusers fp16 folder differs", path=folder16,
-                                  key=bad[0] if bad else None)
-        n = len(a)
+    n = _check_cast(folder, folder16, torch.float16)
     say(f"convert diffusers folder -> fp16 folder: {folder16.name}/ ({n} tensors verified)")
     step("convert-folder", output=str(folder16), tensors_verified=n)
 

@@ -345,16 +345,21 @@ class SafetensorsWriter:
             self._thread.stop()
 
     def _cleanup(self) -> None:
-        if self._f is not None:
-            try:
-                self._f.close()
-            except OSError:
-                pass
-            self._f = None
+        discard(self._f, self.tmp)
+        self._f = None
+
+
+def discard(f, tmp: Path) -> None:
+    """Close ``f`` (if open) and remove the temp file ``tmp``; never raises."""
+    if f is not None:
         try:
-            self.tmp.unlink()
-        except FileNotFoundError:
+            f.close()
+        except OSError:
             pass
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
 
 
 _STOP = object()

@@ -38,7 +38,7 @@ _KIND_CONFIG = {"unet": "unet", "vae": "vae", "clip_l": "text_encoder", "opencli
 __all__ = [
     "KINDS", "KeyMapError", "Slice", "Resolved", "to_single_file", "to_diffusers", "single_file_name",
     "resolve", "diffusers_names", "components", "archs", "pipeline_class_name", "arch_to_single_file",
-    "arch_to_diffusers", "get_map", "parts", "Part", "Split", "ComponentMap",
+    "arch_to_diffusers", "get_map", "single_file_recipes", "parts", "Part", "Split", "ComponentMap",
 ]
 
 
@@ -202,9 +202,29 @@ def to_single_file(kind: str, sd: Mapping[str, torch.Tensor], config=None, *, ex
     """
     km = get_map(kind, config, names=sd.keys(), side="d", sd=sd)
     out: dict[str, torch.Tensor] = {}
-    groups: dict[str, tuple[Target, dict[int, torch.Tensor]]] = {}
+    for single, (transform, names) in single_file_recipes(kind, km, sd.keys(),
+                                                          strict=strict).items():
+        t = sd[names[0]] if len(names) == 1 else torch.cat([sd[n] for n in names], 0)
+        out[single] = _fwd(transform, t)
+    if extras:
+        for e in km.extras:
+            made = _make_extra(e, out)
+            if made is not None:
+                out[e.single] = made
+    return out
+
+
+def single_file_recipes(kind: str, km: KeyMap, names: Iterable[str], *, strict: bool = True,
+                        where: str = "") -> dict[str, tuple[str | None, list[str]]]:
+    """Single-file name -> (transform, the diffusers names it is made of, in fused order).
+
+    Names only, in order of first appearance; a fused tensor (OpenCLIP in_proj, Flux qkv) lists
+    all its parts, and a missing part is an error. Unknown names raise unless ``strict=False``.
+    """
+    out: dict[str, tuple[str | None, list[str]] | None] = {}
+    groups: dict[str, tuple[Target, dict[int, str]]] = {}
     unknown = []
-    for name, t in sd.items():
+    for name in names:
         if name in km.drop_diffusers:
             continue
         hit = km.d2s(name)
@@ -213,24 +233,19 @@ def to_single_file(kind: str, sd: Mapping[str, torch.Tensor], config=None, *, ex
             continue
         target, k = hit
         if len(target.parts) == 1:
-            out[target.single] = _fwd(target.transform, t)
+            out[target.single] = (target.transform, [name])
         else:
-            groups.setdefault(target.single, (target, {}))[1][k] = t
+            groups.setdefault(target.single, (target, {}))[1][k] = name
             out.setdefault(target.single, None)  # keep the order of first appearance
     if unknown and strict:
-        raise KeyMapError(f"{len(unknown)} {kind} tensor(s) have no single-file name, e.g. {unknown[:3]}",
-                          key=unknown[0])
-    for single, (target, parts) in groups.items():
-        missing = [target.parts[i] for i in range(len(target.parts)) if i not in parts]
+        raise KeyMapError(f"{len(unknown)} {kind} tensor(s){where} have no single-file name, "
+                          f"e.g. {unknown[:3]}", key=unknown[0])
+    for single, (target, got) in groups.items():
+        missing = [target.parts[i] for i in range(len(target.parts)) if i not in got]
         if missing:
             raise KeyMapError(f"fused tensor is missing parts {missing}", key=single)
-        out[single] = _fwd(target.transform, torch.cat([parts[i] for i in range(len(target.parts))], 0))
-    if extras:
-        for e in km.extras:
-            made = _make_extra(e, out)
-            if made is not None:
-                out[e.single] = made
-    return out
+        out[single] = (target.transform, [got[i] for i in range(len(target.parts))])
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _make_extra(e: Extra, out: Mapping[str, torch.Tensor]) -> torch.Tensor | None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .. import dtypes, keymap
-from ..keymap import KeyMapError
 from ..sources.base import TensorInfo, TensorSource
 
 
@@ -51,31 +50,10 @@ class SingleFileView(TensorSource):
                                    device="meta") for n, k in names.items()}
             folder = inner.path / dprefix.rstrip("/") if dprefix else inner.path
             km = keymap.get_map(kind, _config(folder), names=list(meta), side="d", sd=meta)
-            recipes: dict[str, tuple] = {}
-            groups: dict[str, tuple] = {}
-            unknown = []
-            for n, k in names.items():
-                if n in km.drop_diffusers:
-                    continue
-                hit = km.d2s(n)
-                if hit is None:
-                    unknown.append(n)
-                    continue
-                target, i = hit
-                if len(target.parts) == 1:
-                    recipes[target.single] = ("map", target.transform, [k])
-                else:
-                    groups.setdefault(target.single, (target, {}))[1][i] = k
-                    recipes.setdefault(target.single, None)
-            if unknown:
-                raise KeyMapError(f"{len(unknown)} {kind} tensor(s) of '{comp}' have no single-file "
-                                  f"name, e.g. {unknown[:3]}", key=unknown[0])
-            for single, (target, parts) in groups.items():
-                missing = [target.parts[j] for j in range(len(target.parts)) if j not in parts]
-                if missing:
-                    raise KeyMapError(f"fused tensor is missing parts {missing}", key=single)
-                recipes[single] = ("map", target.transform,
-                                   [parts[j] for j in range(len(target.parts))])
+            recipes: dict[str, tuple] = {
+                single: ("map", transform, [names[n] for n in parts])
+                for single, (transform, parts) in keymap.single_file_recipes(
+                    kind, km, list(names), where=f" of '{comp}'").items()}
             shapes = {s: self._assemble(r, meta_of=lambda k: meta[k[len(dprefix):]])
                       for s, r in recipes.items()}
             for e in km.extras:

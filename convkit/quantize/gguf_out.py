@@ -16,7 +16,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import UsageError
-from ..writer import WriterThread, _os_error, temp_path_for
+from ..writer import WriterThread, _os_error, discard, temp_path_for
 
 ALIGN = 32
 MAGIC = b"GGUF"
@@ -206,13 +206,5 @@ class GGUFStreamWriter:
             self._stop_thread()
         except Exception:
             pass
-        if self._f is not None:
-            try:
-                self._f.close()
-            except OSError:
-                pass
-            self._f = None
-        try:
-            self.tmp.unlink()
-        except FileNotFoundError:
-            pass
+        discard(self._f, self.tmp)
+        self._f = None
