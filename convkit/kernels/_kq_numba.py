@@ -41,6 +41,49 @@ def _bits_f32(typingctx, x):
     return sig, codegen
 
 
+def _i32(builder, a):
+    i32 = ir.IntType(32)
+    return builder.trunc(a, i32) if a.type.width > 32 else builder.sext(a, i32) if a.type.width < 32 else a
+
+
+def _clamped_round(builder, x, lo, hi):
+    """i32 clamp(nearest_int(x), lo, hi): ggml's bit trick computed in 32-bit lanes (numba would
+    widen every int to int64, halving the SIMD width)."""
+    i32 = ir.IntType(32)
+    s = builder.fadd(x, ir.Constant(ir.FloatType(), 12582912.0))
+    b = builder.bitcast(s, i32)
+    b = builder.and_(b, ir.Constant(i32, 0x007FFFFF))
+    b = builder.sub(b, ir.Constant(i32, 0x00400000))
+    lo, hi = _i32(builder, lo), _i32(builder, hi)
+    b = builder.select(builder.icmp_signed("<", b, lo), lo, b)
+    return builder.select(builder.icmp_signed(">", b, hi), hi, b)
+
+
+@intrinsic
+def nearest_clamp_f(typingctx, x, lo, hi):
+    """float32(clamp(nearest_int(x), lo, hi)) -- exact: the clamped value is a small integer."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.sitofp(_clamped_round(builder, *args), ir.FloatType())
+
+    return types.float32(types.float32, lo, hi), codegen
+
+
+@intrinsic
+def nearest_clamp_u8(typingctx, x, lo, hi, off):
+    """uint8(clamp(nearest_int(x), lo, hi) + off)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        b = builder.add(_clamped_round(builder, *args[:3]), _i32(builder, args[3]))
+        return builder.trunc(b, ir.IntType(8))
+
+    return types.uint8(types.float32, lo, hi, off), codegen
+
+
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 
 
@@ -302,89 +345,3 @@ def qx_kernel(x, nmax, L_out, scale_out):
                 scale_out[g0 + b] = scale[b]
                 for i in range(n):
                     L_out[g0 + b, i] = lt[i, b]
-
-
-@njit(**_JIT)
-def q3_kernel(x, nmax, L_out, scale_out, T=TILE):
-    """make_q3_quants(n, nmax, x, L, do_rmse=true) for every row of x (G x n)."""
-    G, n = x.shape
-    fnmax = f32(nmax)
-    xt = np.zeros((n, T), np.float32)
-    lt = np.zeros((n, T), np.int32)
-    mxv = np.zeros(T, np.float32)
-    amax = np.zeros(T, np.float32)
-    isc = np.zeros(T, np.float32)
-    sumlx = np.zeros(T, np.float32)
-    suml2 = np.zeros(T, np.float32)
-    zero = np.zeros(T, np.bool_)
-    for g0 in range(0, G, T):
-        m = min(T, G - g0)
-        for b in range(m):
-            for i in range(n):
-                xt[i, b] = x[g0 + b, i]
-        for b in range(m, T):
-            for i in range(n):
-                xt[i, b] = f32(0.0)
-        for b in range(T):
-            amax[b] = f32(0.0)
-            mxv[b] = f32(0.0)
-        for i in range(n):
-            for b in range(T):
-                ax = abs(xt[i, b])
-                if ax > amax[b]:
-                    amax[b] = ax
-                    mxv[b] = xt[i, b]
-        for b in range(T):
-            zero[b] = amax[b] < _EPS
-            if zero[b]:
-                mxv[b] = f32(1.0)
-            isc[b] = -fnmax / mxv[b]
-            sumlx[b] = f32(0.0)
-            suml2[b] = f32(0.0)
-        for i in range(n):
-            for b in range(T):
-                v = xt[i, b]
-                q = nearest_int(isc[b] * v)
-                q = max(-nmax, min(nmax - 1, q))
-                lt[i, b] = q
-                w = v * v
-                fq = f32(q)
-                sumlx[b] += w * v * fq
-                suml2[b] += w * fq * fq
-        for itry in range(5):
-            changed = 0
-            for i in range(n):
-                for b in range(T):
-                    v = xt[i, b]
-                    w = v * v
-                    li = lt[i, b]
-                    fli = f32(li)
-                    slx = sumlx[b] - w * v * fli
-                    if slx > f32(0.0):
-                        sl2 = suml2[b] - w * fli * fli
-                        q = nearest_int(v * sl2 / slx)
-                        q = max(-nmax, min(nmax - 1, q))
-                        if q != li:
-                            fq = f32(q)
-                            slx += w * v * fq
-                            sl2 += w * fq * fq
-                            if sl2 > f32(0.0) and slx * slx * suml2[b] > sumlx[b] * sumlx[b] * sl2:
-                                lt[i, b] = q
-                                sumlx[b] = slx
-                                suml2[b] = sl2
-                                changed += 1
-            if changed == 0:
-                break
-        for b in range(m):
-            if zero[b]:
-                scale_out[g0 + b] = f32(0.0)
-                for i in range(n):
-                    L_out[g0 + b, i] = 0
-            else:
-                s = f32(0.0)
-                if suml2[b] > f32(0.0):
-                    s = sumlx[b] / suml2[b]
-                scale_out[g0 + b] = s
-                for i in range(n):
-                    L_out[g0 + b, i] = lt[i, b] + nmax
-

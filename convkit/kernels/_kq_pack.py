@@ -8,7 +8,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._kq_numba import _EPS, _JIT, _bits_f32, f32, nearest_int
+from ._kq_numba import _EPS, _JIT, _bits_f32, f32, nearest_clamp_u8, nearest_int
 
 # --------------------------------------------------------------------------- fused "finish" steps
 # Per super-block: quantize the group scales, fp16 the super-scales, re-quantize the values with
@@ -72,6 +72,25 @@ def _put16(out, i, pos, h):
     out[i, pos + 1] = (h >> 8) & 0xFF
 
 
+@njit(inline="always", **_JIT)
+def _requant(row, lrow, dv, mv, lo, hi, off):
+    """The re-quantization with the rounded scales, over one super-block as a flat loop (so it
+    vectorises): ``lrow[t] = clamp(nearest_int((row[t] + mv[t]) / dv[t]), lo, hi) + off`` where
+    ``dv[t] != 0``; where C skips a group (its scale rounded to 0) the search's L stays.
+    ``mv`` is 0 for the types without a min (x + 0.0 == x up to the sign of zero, which
+    nearest_int does not see)."""
+    for t in range(row.shape[0]):
+        dj = dv[t]
+        q = nearest_clamp_u8((row[t] + mv[t]) / dj, lo, hi, off)
+        lrow[t] = q if dj != f32(0.0) else lrow[t]
+
+
+@njit(inline="always", **_JIT)
+def _fill(v, j, g, value):
+    for ii in range(g):
+        v[g * j + ii] = value
+
+
 @njit(**_JIT)
 def q45k_finish(xb, L, sc, mi, nmax, out):
     """Q4_K (nmax 15) / Q5_K (nmax 31) tail. xb (nb,256) f32, L (nb,256) u8 (search result,
@@ -79,6 +98,8 @@ def q45k_finish(xb, L, sc, mi, nmax, out):
     nb = xb.shape[0]
     ls = np.zeros(8, np.int64)
     lm = np.zeros(8, np.int64)
+    dv = np.zeros(256, np.float32)
+    mv = np.zeros(256, np.float32)
     for i in range(nb):
         max_scale = f32(0.0)
         max_min = f32(0.0)
@@ -103,13 +124,9 @@ def q45k_finish(xb, L, sc, mi, nmax, out):
         d = fp16_to_fp32(dh)
         dmin = fp16_to_fp32(mh)
         for j in range(8):
-            dj = d * f32(ls[j])
-            if dj == f32(0.0):
-                continue
-            dmj = dmin * f32(lm[j])
-            for ii in range(32):
-                q = nearest_int((xb[i, 32 * j + ii] + dmj) / dj)
-                L[i, 32 * j + ii] = max(0, min(nmax, q))
+            _fill(dv, j, 32, d * f32(ls[j]))
+            _fill(mv, j, 32, dmin * f32(lm[j]))
+        _requant(xb[i], L[i], dv, mv, 0, nmax, 0)
         if nmax == 15:
             for c in range(4):
                 for l in range(32):
@@ -145,6 +162,8 @@ def _pack2(out, i, base, L):
 def q2k_finish(xb, L, sc, mi, out):
     nb = xb.shape[0]
     s = np.zeros(16, np.int64)
+    dv = np.zeros(256, np.float32)
+    mv = np.zeros(256, np.float32)
     for i in range(nb):
         max_scale = f32(0.0)
         max_min = f32(0.0)
@@ -172,22 +191,24 @@ def q2k_finish(xb, L, sc, mi, out):
         dmin = fp16_to_fp32(mh)
         for j in range(16):
             out[i, j] = s[j]
-            dj = d * f32(s[j] & 0xF)
-            if dj == f32(0.0):
-                continue
-            dmj = dmin * f32(s[j] >> 4)
-            for ii in range(16):
-                q = nearest_int((xb[i, 16 * j + ii] + dmj) / dj)
-                L[i, 16 * j + ii] = max(0, min(3, q))
+            _fill(dv, j, 16, d * f32(s[j] & 0xF))
+            _fill(mv, j, 16, dmin * f32(s[j] >> 4))
+        _requant(xb[i], L[i], dv, mv, 0, 3, 0)
         _pack2(out, i, 16, L)
         _put16(out, i, 80, dh)
         _put16(out, i, 82, mh)
 
 
 @njit(**_JIT)
-def q3k_finish(xb, L, sc, out):
+def q3k_finish(xb, Lt, sc, out):
+    """Q3_K tail.  Lt is the search's tile-major L (see ``q3_kernel``); it is only read for
+    groups whose scale rounds to 0 (C keeps the search's L there)."""
     nb = xb.shape[0]
+    T = Lt.shape[2]
     lq = np.zeros(16, np.int64)
+    dv = np.zeros(256, np.float32)
+    mv = np.zeros(256, np.float32)
+    lb = np.zeros(256, np.uint8)
     for i in range(nb):
         amax = f32(0.0)
         max_scale = f32(0.0)
@@ -218,25 +239,31 @@ def q3k_finish(xb, L, sc, out):
         d = fp16_to_fp32(dh)
         for j in range(16):
             dj = d * f32(lq[j] - 32)
+            _fill(dv, j, 16, dj)
             if dj == f32(0.0):
-                continue
-            for ii in range(16):
-                q = nearest_int(xb[i, 16 * j + ii] / dj)
-                L[i, 16 * j + ii] = max(-4, min(3, q)) + 4
+                g = 16 * i + j
+                for ii in range(16):
+                    lb[16 * j + ii] = Lt[g // T, ii, g % T]
+        _requant(xb[i], lb, dv, mv, -4, 3, 4)
         for m in range(32):
-            h = 0
+            h = np.uint8(0)
             for k in range(8):
-                if L[i, 32 * k + m] > 3:
-                    h |= 1 << k
-                    L[i, 32 * k + m] -= 4
+                v = lb[32 * k + m]
+                h |= np.uint8((v >> 2) << k)
             out[i, m] = h
-        _pack2(out, i, 32, L)
+        for hh in range(2):
+            for l in range(32):
+                j = 128 * hh + l
+                out[i, 32 + 32 * hh + l] = ((lb[j] & 3) | ((lb[j + 32] & 3) << 2)
+                                             | ((lb[j + 64] & 3) << 4) | ((lb[j + 96] & 3) << 6))
         _put16(out, i, 108, dh)
 
 
 @njit(**_JIT)
 def q6k_finish(xb, L, sc, out):
     nb = xb.shape[0]
+    dv = np.zeros(256, np.float32)
+    mv = np.zeros(256, np.float32)
     for i in range(nb):
         max_abs = f32(0.0)
         max_scale = f32(0.0)
@@ -256,12 +283,8 @@ def q6k_finish(xb, L, sc, out):
             q = min(127, nearest_int(iscale * sc[i, j])) & 0xFF
             out[i, 192 + j] = q
             s8 = q - 256 if q > 127 else q
-            dj = d * f32(s8)
-            if dj == f32(0.0):
-                continue
-            for ii in range(16):
-                v = nearest_int(xb[i, 16 * j + ii] / dj)
-                L[i, 16 * j + ii] = max(-32, min(31, v)) + 32
+            _fill(dv, j, 16, d * f32(s8))
+        _requant(xb[i], L[i], dv, mv, -32, 31, 32)
         for h in range(2):
             for l in range(32):
                 j = 128 * h + l

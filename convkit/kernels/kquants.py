@@ -12,8 +12,11 @@ import numpy as np
 
 from . import _kq_numba as K
 from . import _kq_pack as P
+from . import _kq_q3 as Q3
 
 QK_K = 256
+#: groups per SIMD tile in the Q3_K search (measured: 32..128 within 10 %)
+Q3_TILE = 64
 _F = np.float32
 
 
@@ -67,8 +70,12 @@ def _search16(kernel, xb: np.ndarray, nmax: int):
 
 def quantize_q3_k(xb: np.ndarray, out=None) -> np.ndarray:
     xb, out = _prep(xb, out, 110)
-    L, sc = _search16(K.q3_kernel, xb, 4)
-    P.q3k_finish(xb, L, sc, out)
+    nb = xb.shape[0]
+    G = nb * 16
+    Lt = np.empty(((G + Q3_TILE - 1) // Q3_TILE, 16, Q3_TILE), np.uint8)
+    sc = np.empty((nb, 16), np.float32)
+    Q3.q3_kernel(xb.reshape(G, 16), 4, Lt, sc.reshape(-1))
+    P.q3k_finish(xb, Lt, sc, out)
     return out
 
 
