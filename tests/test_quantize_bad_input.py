@@ -33,9 +33,17 @@ def test_unknown_target_suggests(tmp_path):
     assert r.exit_code == 2 and "did you mean 'nf4'" in r.output
 
 
-def test_quanto_torchao_not_implemented(tmp_path):
-    with pytest.raises(UsageError, match="not implemented"):
-        quantize(checkpoint("flux_dev"), tmp_path / "x", "quanto:int8")
+def test_quanto_torchao_targets(tmp_path):
+    """quanto:* and torchao:int8wo plan diffusers folders (tests/test_quantize_hf_libs.py);
+    torchao:int4wo is refused up front, naming the missing CPU kernel."""
+    with pytest.raises(UsageError, match="torchao:int4wo.*mslk.*compute capability"):
+        quantize(checkpoint("flux_dev"), tmp_path / "x", "torchao:int4wo")
+    pytest.importorskip("optimum.quanto")
+    pytest.importorskip("torchao")
+    for t in ("quanto:int8", "quanto:int4", "quanto:fp8", "torchao:int8wo"):
+        res = quantize(checkpoint("flux_dev"), tmp_path / "x", t, dry_run=True)
+        assert res.plan.fmt == "diffusers" and "config.json" in res.plan.extra_files
+    assert not (tmp_path / "x").exists()
 
 
 def test_nan_refused_naming_tensor(tmp_path):

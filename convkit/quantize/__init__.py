@@ -31,10 +31,6 @@ from .targets import Target, names as target_names, parse_target
 
 __all__ = ["quantize", "QuantizeResult", "parse_target", "target_names", "plan_quantize"]
 
-UNSUPPORTED = ("quanto:* and torchao:* targets are not implemented: optimum-quanto and torchao "
-               "save diffusers models via their own save_pretrained paths, and their int4/fp8 "
-               "kernels need a GPU; quantize for diffusers with nf4 via diffusers' "
-               "BitsAndBytesConfig, or use fp8 / gguf outputs here")
 
 
 @dataclass
@@ -43,6 +39,7 @@ class QuantizeResult:
     stats: QStats | None = None
     report: ErrorReport | None = None
     extras: list[str] | None = None
+    extras_reports: dict | None = None      # {path: ErrorReport} of GGUF extras
 
     def to_dict(self) -> dict:
         d = {"output": str(self.plan.out), "target": self.plan.target.name,
@@ -61,22 +58,38 @@ class QuantizeResult:
             d["error"] = self.report.summary(10)
         if self.extras:
             d["extras"] = self.extras
+        if self.extras_reports:
+            d["extras_error"] = {p: r.summary(3) for p, r in self.extras_reports.items()}
         return d
 
 
 def quantize(input: str | os.PathLike, output: str | os.PathLike, target: str, *,
              layout: str = "comfy", type_rules=(), scaled_format: str = "scale_weight",
              double_quant: bool = False, rest_dtype: str | None = None,
-             extras_dir: str | os.PathLike | None = None, report_path: str | os.PathLike | None = None,
+             extras_dir: str | os.PathLike | None = None, extras_format: str = "safetensors",
+             extras_type: str | None = None, report_path: str | os.PathLike | None = None,
              overwrite: bool = False, dry_run: bool = False, verify: bool = True,
              variant: str | None = None, progress: Progress | None = None) -> QuantizeResult:
     """Quantize ``input``'s diffusion model to ``target``, writing ``output``."""
     tgt = parse_target(target)
-    if tgt.kind == "unsupported":
-        raise UsageError(f"target '{tgt.name}': {UNSUPPORTED}")
+    if tgt.kind in ("quanto", "torchao"):   # a diffusers model folder: convkit/quantize/hf_libs.py
+        from .hf_libs import check_options, quantize_hf
+
+        check_options(layout=layout, type_rules=type_rules, scaled_format=scaled_format,
+                      double_quant=double_quant, extras_dir=extras_dir,
+                      extras_format=extras_format, extras_type=extras_type)
+        return quantize_hf(input, output, tgt, rest_dtype=rest_dtype, report_path=report_path,
+                           overwrite=overwrite, dry_run=dry_run, verify=verify, variant=variant,
+                           progress=progress)
     rest = dtypes.parse_user(rest_dtype) if rest_dtype and rest_dtype != "source" else None
     if rest and rest not in ("F32", "F16", "BF16"):
         raise UsageError(f"--rest-dtype must be fp32, fp16, bf16 or source, not '{rest_dtype}'")
+    from .extras_gguf import parse_extras_format, parse_extras_type
+    xfmt, xtype = parse_extras_format(extras_format), parse_extras_type(extras_type)
+    if extras_dir is None and (xfmt != "safetensors" or xtype):
+        raise UsageError("--extras-format / --extras-type need --extras DIR")
+    if xtype and xfmt != "gguf":
+        raise UsageError("--extras-type applies to --extras-format gguf only")
     out = Path(output)
     with open_source(input, variant=variant) as raw:
         notes = []
@@ -101,9 +114,11 @@ def quantize(input: str | os.PathLike, output: str | os.PathLike, target: str, *
             from .extras import plan_extras
             if not dry_run:
                 Path(extras_dir).mkdir(parents=True, exist_ok=True)
-            extras_plan = plan_extras(src, det, Path(extras_dir), out, rest)
+            extras_plan = plan_extras(src, det, Path(extras_dir), out, rest, fmt=xfmt,
+                                      layout=layout, qtype=xtype)
             for p in extras_plan:
                 problems += check_output(p.out, raw.files() + [raw.path], overwrite, p.out_bytes)
+                plan.notes += p.notes
         raise_all(problems)
         result = QuantizeResult(plan)
         if dry_run:
@@ -111,7 +126,9 @@ def quantize(input: str | os.PathLike, output: str | os.PathLike, target: str, *
         result.stats, result.report = execute(plan, progress=progress, verify=verify)
         if extras_plan:
             from .extras import write_extras
-            result.extras = write_extras(extras_plan, overwrite, progress)
+            result.extras_reports = {}
+            result.extras = write_extras(extras_plan, overwrite, progress, verify=verify,
+                                         reports=result.extras_reports)
         if report_path is not None:
             d = result.to_dict()
             d["error"] = result.report.to_dict()

@@ -13,7 +13,9 @@ from ..cli import _progress, emit_plan_or_json, main, output_options
 @click.option("--to", "target", required=True,
               help="fp8-e4m3fn, fp8-e5m2, fp8-scaled, nf4, fp4, gguf:F16|BF16|Q8_0|Q5_1|Q5_0|"
                    "Q4_1|Q4_0|Q6_K|Q5_K|Q4_K|Q3_K|Q2_K or a mix gguf:Q5_K_M|Q5_K_S|Q4_K_M|"
-                   "Q4_K_S|Q3_K_M|Q3_K_S.")
+                   "Q4_K_S|Q3_K_M|Q3_K_S; or, as a diffusers model folder (OUTPUT is a "
+                   "folder), quanto:int8|int4|fp8 or torchao:int8wo (torchao:int4wo needs a "
+                   "CUDA GPU and is refused).")
 @click.option("--layout", type=click.Choice(["comfy", "sdcpp"]), default="comfy",
               show_default=True, help="GGUF: ComfyUI-GGUF (rows of 256, orig_shape metadata) or "
                                       "stable-diffusion.cpp (LDM names, no rearrangement).")
@@ -30,8 +32,17 @@ from ..cli import _progress, emit_plan_or_json, main, output_options
               help="fp8/nf4: float type of everything not quantized (source, fp16, bf16, fp32); "
                    "with --extras also the extra files.")
 @click.option("--extras", "extras_dir", type=click.Path(), default=None,
-              help="GGUF: also write the other components (text encoders, VAE) as safetensors "
-                   "files into this folder.")
+              help="GGUF: also write the other components (text encoders, VAE), each to its "
+                   "own file in this folder.")
+@click.option("--extras-format", type=click.Choice(["safetensors", "gguf"]),
+              default="safetensors", show_default=True,
+              help="--extras files: safetensors (prefix removed), or gguf: each component in "
+                   "the GGUF form its loader takes under --layout (comfy: T5 for ComfyUI-GGUF's "
+                   "CLIP loaders; sdcpp: --t5xxl/--clip_l/--clip_g/--vae); components with no "
+                   "GGUF loader stay safetensors, with a note.")
+@click.option("--extras-type", default="auto", show_default=True,
+              help="--extras-format gguf: GGUF type of the extra files (F16, BF16, Q8_0, ..., "
+                   "Q2_K); auto = Q8_0 for T5, F16 for CLIP and VAE.")
 @click.option("--report", "report_path", type=click.Path(), default=None,
               help="Write the per-tensor error report (JSON) here.")
 @click.option("--no-verify", is_flag=True, help="Skip reopening the output to check it.")
@@ -40,8 +51,8 @@ from ..cli import _progress, emit_plan_or_json, main, output_options
 @click.option("--variant", default=None, help="diffusers weight variant to read (e.g. fp16).")
 @output_options
 def quantize_cmd(input, output, target, layout, type_rules, scaled_format, double_quant,
-                 rest_dtype, extras_dir, report_path, no_verify, dry_run, overwrite, variant,
-                 quiet, as_json):
+                 rest_dtype, extras_dir, extras_format, extras_type, report_path, no_verify,
+                 dry_run, overwrite, variant, quiet, as_json):
     """Quantize the diffusion model: FP8, NF4/FP4 (Forge) or GGUF (ComfyUI-GGUF, sd.cpp).
 
     Every output is reopened and checked; the error of every quantized tensor (relative RMSE
@@ -60,7 +71,10 @@ def quantize_cmd(input, output, target, layout, type_rules, scaled_format, doubl
 
     result = do_quantize(input, output, target, layout=layout, type_rules=type_rules,
                          scaled_format=scaled_format, double_quant=double_quant,
-                         rest_dtype=rest_dtype, extras_dir=extras_dir, report_path=report_path,
+                         rest_dtype=rest_dtype, extras_dir=extras_dir,
+                         extras_format=extras_format,
+                         extras_type=None if extras_type == "auto" else extras_type,
+                         report_path=report_path,
                          overwrite=overwrite, dry_run=dry_run, verify=not no_verify,
                          variant=variant, progress=_progress(quiet, as_json))
     if emit_plan_or_json(result, as_json=as_json, dry_run=dry_run, quiet=quiet):
@@ -76,4 +90,10 @@ def quantize_cmd(input, output, target, layout, type_rules, scaled_format, doubl
     for n in result.plan.notes:
         click.echo(f"note: {n}")
     for p in result.extras or []:
-        click.echo(f"wrote {p}")
+        rep = (result.extras_reports or {}).get(p)
+        err = ""
+        if rep is not None:
+            s = rep.summary(0)
+            err = (f" ({s['quantized_tensors']} tensors measured: rel RMSE {s['rel_rmse']:.4g}, "
+                   f"worst {s['max_rel_rmse']:.4g})")
+        click.echo(f"wrote {p}{err}")

@@ -177,7 +177,7 @@ def plan_quantize(src: TensorSource, out: Path, target: Target, det: archs.Detec
             plan.notes.append(f"{others} tensors of other components ("
                               + ", ".join(c for c in det.component_keys if c != comp)
                               + ") are not in the GGUF file (--extras DIR writes them to "
-                              "separate safetensors files)")
+                              "separate files)")
         prov = provenance(src, step)
         plan.gguf_kvs += [(k, GGUFValueType.STRING, v) for k, v in prov.items()]
         return plan

@@ -1,7 +1,8 @@
 """Quantization targets, registered as kind ``quantize`` (unknown names get the nearest one).
 
 ``fp8-e4m3fn``, ``fp8-e5m2``, ``fp8-scaled``, ``nf4``, ``fp4``, ``gguf:<TYPE or MIX>``,
-``quanto:*`` / ``torchao:*`` (not implemented: they raise a clear error).
+``quanto:int8|int4|fp8`` / ``torchao:int8wo`` (diffusers model folders; ``torchao:int4wo`` is
+refused with the reason: no CPU kernel).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ FP8_DTYPES = {"e4m3fn": "F8_E4M3", "e5m2": "F8_E5M2"}
 @dataclass(frozen=True)
 class Target:
     name: str     # as the user typed it, normalised: "fp8-e4m3fn", "nf4", "gguf:Q4_K_M"
-    kind: str     # "fp8" | "fp8-scaled" | "bnb4" | "gguf" | "unsupported"
+    kind: str     # "fp8" | "fp8-scaled" | "bnb4" | "gguf" | "quanto" | "torchao"
     qtype: str    # "F8_E4M3" / "F8_E5M2"; "nf4" / "fp4"; GGUF type or mix name
 
     @property
@@ -39,7 +40,7 @@ _make("fp4", "bnb4", "fp4")
 for _t in GGUF_PLAIN + tuple(gguf_mixes()):
     _make(f"gguf:{_t}", "gguf", _t)
 for _t in ("quanto:int8", "quanto:int4", "quanto:fp8", "torchao:int8wo", "torchao:int4wo"):
-    _make(_t, "unsupported", _t)
+    _make(_t, _t.split(":")[0], _t.split(":")[1])   # diffusers model folder (quantize/hf_libs.py)
 
 
 def normalise(name: str) -> str:

@@ -1,0 +1,255 @@
+"""The diffusion model of an input seen as a diffusers model: its class, its config, and every
+tensor of its ``state_dict`` by diffusers name, read lazily from the input.
+
+Inputs: a diffusers folder (``unet/`` or ``transformer/`` and its ``config.json``), a lone
+component folder, a single file in diffusers names, or a single file in SGM/LDM, BFL or
+ComfyUI names (mapped with :mod:`convkit.keymap`; a fused tensor such as Flux ``qkv`` is read
+once and split into its diffusers parts). A single file carries no config: the one used is the
+first of (the ``config`` argument, the released model's config in ``formats/configs/<arch>/``,
+convkit's tiny test model of that architecture) whose model has exactly the file's tensor names
+and shapes — checked on a ``meta``-device model, so nothing is allocated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import dtypes, keymap
+from ..errors import InputFormatError, UsageError
+from ..keymap import _bwd, _part_sizes
+
+
+@dataclass
+class DTensor:
+    """One tensor of the diffusers state dict and where it comes from."""
+
+    name: str                       # diffusers name, e.g. "down_blocks.1.attentions.0.proj_in.weight"
+    key: str                        # source key holding it
+    shape: tuple[int, ...]
+    dtype: str                      # source dtype (safetensors name)
+    transform: str | None = None    # keymap transform single file -> diffusers
+    part: tuple[int, int] | None = None   # rows [a, b) of the (transformed) fused source tensor
+    src_bytes: int = 0
+
+
+@dataclass
+class ModelInput:
+    cls_name: str
+    config: dict                    # the diffusers config (as config.json holds it)
+    config_from: str
+    tensors: list[DTensor]          # in source read order
+    meta: torch.nn.Module = field(repr=False)
+
+    @property
+    def state_dict_order(self) -> list[str]:
+        return list(self.meta.state_dict())
+
+
+def diffusers_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise UsageError(f"diffusers has no model class '{name}'")
+    return cls
+
+
+def meta_model(cls_name: str, config: dict) -> torch.nn.Module:
+    """The model built from ``config`` on the meta device (names and shapes, no memory)."""
+    cls = diffusers_class(cls_name)
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            return cls.from_config(cfg)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputFormatError(f"cannot read the model config ({e})", path=path) from None
+    if not isinstance(d, dict) or "_class_name" not in d:
+        raise InputFormatError("not a diffusers model config (no _class_name)", path=path)
+    return d
+
+
+def refuse_prequantized(raw) -> None:
+    """A diffusers folder saved with a quantization_config (bitsandbytes, quanto, torchao...)
+    holds library-specific tensors that convkit does not read: say so, before detection."""
+    if raw.format != "diffusers":
+        return
+    root = Path(raw.path)
+    for cfg in [root / "config.json", *sorted(root.glob("*/config.json"))]:
+        try:
+            q = json.loads(cfg.read_text()).get("quantization_config")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if q:
+            method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+            raise UsageError(f"the input is already quantized ({method}, {cfg})", path=raw.path,
+                             hint="start from the unquantized model")
+
+
+def _component_tensors(src, det, comp: str) -> list[DTensor]:
+    """The component's tensors under diffusers names, in source order."""
+    keys = set(det.component_keys.get(comp, []))
+    prefix = det.layout.prefixes.get(comp, "")
+    ordered = [k for k in src.keys() if k in keys]
+    out: list[DTensor] = []
+    if det.layout.naming == "diffusers":
+        for k in ordered:
+            info = src.info(k)
+            out.append(DTensor(k[len(prefix):], k, tuple(info.shape), info.dtype,
+                               src_bytes=info.nbytes))
+        return out
+    kind = det.arch.components[comp].keymap
+    rels = {k[len(prefix):]: k for k in ordered}
+    meta = {r: torch.empty(src.info(k).shape, device="meta") for r, k in rels.items()}
+    km = keymap.get_map(kind, None, names=list(rels), side="s", sd=meta)
+    skip = {e.single for e in km.extras}
+    unknown = []
+    for rel, k in rels.items():
+        if rel in skip:
+            continue
+        target = km.s2d(rel)
+        if target is None:
+            unknown.append(k)
+            continue
+        info = src.info(k)
+        t = _bwd(target.transform, meta[rel])
+        if len(target.parts) == 1:
+            out.append(DTensor(target.parts[0], k, tuple(t.shape), info.dtype, target.transform,
+                               src_bytes=info.nbytes))
+            continue
+        sizes = _part_sizes(target, t.shape[0], km.hidden)
+        a = 0
+        for pname, n in zip(target.parts, sizes):
+            shape = (n, *t.shape[1:])
+            out.append(DTensor(pname, k, shape, info.dtype, target.transform, (a, a + n),
+                               src_bytes=info.nbytes * n // max(t.shape[0], 1)))
+            a += n
+    if unknown:
+        raise keymap.KeyMapError(f"{len(unknown)} tensor(s) of '{comp}' have no diffusers name, "
+                                 f"e.g. {unknown[:3]}", key=unknown[0])
+    return out
+
+
+def _candidates(arch: str, comp: str):
+    """(description, config) pairs to try for a single file, most likely first."""
+    from ..keymap._data import load_config
+
+    try:
+        yield f"the released {arch} {comp} config (formats/configs/{arch}/{comp}.json)", \
+            dict(load_config(arch, comp))
+    except OSError:
+        pass
+    from .. import tiny
+
+    try:
+        c = tiny.spec(arch)["components"][comp]
+    except (KeyError, LookupError):
+        return
+    yield f"convkit's tiny {arch} test model config", {"_class_name": c["class"], **c["config"]}
+
+
+def _mismatch(meta: torch.nn.Module, tensors: list[DTensor]) -> list[str]:
+    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    got = {t.name: t.shape for t in tensors}
+    problems = [f"missing {k}" for k in want if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in want]
+    problems += [f"{k}: {list(got[k])}, the model has {list(s)}" for k, s in want.items()
+                 if k in got and got[k] != s]
+    return problems
+
+
+def resolve(src, det, raw, config: dict | str | os.PathLike | None = None) -> ModelInput:
+    """The diffusion model of ``src`` (``raw`` is the source as opened, before any view)."""
+    comp = det.arch.diffusion_component
+    if not det.component_keys.get(comp):
+        raise UsageError(f"no diffusion model ({comp}) in this input; it has: "
+                         f"{', '.join(det.component_keys) or 'nothing known'}", path=src.path)
+    tensors = _component_tensors(src, det, comp)
+    given: list[tuple[str, dict]] = []
+    if isinstance(config, dict):
+        given.append(("the config passed in", dict(config)))
+    elif config is not None:
+        p = Path(config)
+        p = p / "config.json" if p.is_dir() else p
+        given.append((str(p), _read_config(p)))
+    elif raw.format == "diffusers":
+        root = Path(raw.path)
+        p = root / "config.json" if getattr(raw, "lone_component", False) else root / comp / "config.json"
+        if p.is_file():
+            given.append((str(p), _read_config(p)))
+    for where, cfg in given:
+        if cfg.get("quantization_config"):
+            raise UsageError(f"the input is already quantized "
+                             f"({cfg['quantization_config'].get('quant_method', '?')}, {where})",
+                             path=src.path, hint="start from the unquantized model")
+        m = meta_model(cfg["_class_name"], cfg)
+        problems = _mismatch(m, tensors)
+        if problems:
+            raise InputFormatError(f"the weights do not fit {where}: " + "; ".join(problems[:4])
+                                   + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
+                                   path=src.path)
+        return ModelInput(cfg["_class_name"], cfg, where, tensors, m)
+    for where, cfg in _candidates(det.arch.name, comp):
+        m = meta_model(cfg["_class_name"], cfg)
+        if not _mismatch(m, tensors):
+            return ModelInput(cfg["_class_name"], cfg, where, tensors, m)
+    raise UsageError(f"cannot tell the diffusers config of this {det.arch.name} {comp}: its "
+                     "tensor shapes fit neither the released model nor convkit's tiny model",
+                     path=src.path, hint=f"quantize its diffusers folder instead (the config.json "
+                                         f"of {comp}/ is used), or call convkit.quantize.hf_libs."
+                                         f"quantize_hf(..., config=<its config.json>)")
+
+
+def model_dtype(tensors: list[DTensor], rest: str | None) -> str:
+    """The torch_dtype equivalent: ``rest`` if given, else the float type holding most bytes."""
+    if rest:
+        return rest
+    by: dict[str, int] = {}
+    for t in tensors:
+        if dtypes.is_float(t.dtype):
+            by[t.dtype] = by.get(t.dtype, 0) + t.src_bytes
+    return max(by, key=by.get) if by else "F32"
+
+
+def stream(src, tensors: list[DTensor]):
+    """Yield (DTensor, tensor in diffusers form) in order, reading the next source tensor in a
+    helper thread meanwhile; a fused source tensor is read once for all its parts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys: list[str] = []
+    for t in tensors:
+        if not keys or keys[-1] != t.key:
+            keys.append(t.key)
+    if not keys:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convkit-reader")
+    try:
+        ki = 0
+        nxt = pool.submit(src.load, keys[0])
+        cur_key, cur = None, None
+        for dt in tensors:
+            if dt.key != cur_key:
+                cur = None
+                raw = nxt.result()
+                ki += 1
+                nxt = pool.submit(src.load, keys[ki]) if ki < len(keys) else None
+                cur_key, cur = dt.key, _bwd(dt.transform, raw)
+                del raw
+            if dt.part is None:
+                yield dt, cur
+            else:
+                a, b = dt.part
+                yield dt, cur[a:b]
+        cur = None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
