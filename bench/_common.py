@@ -73,7 +73,9 @@ def run_measured(code: str, *args: str) -> dict:
         f"{code}\n"
         "sec = time.perf_counter() - t0\n"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
-        "r = {'seconds': sec, 'peak_rss_mb': int(hwm.split()[1]) / 1024}\n"
+        "tm = __import__('os').times()\n"
+        "r = {'seconds': sec, 'peak_rss_mb': int(hwm.split()[1]) / 1024,\n"
+        "     'cpu_user': tm.user, 'cpu_sys': tm.system}\n"
         "print('RESULT ' + json.dumps(r))\n"
     )
     p = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True)

@@ -4,8 +4,9 @@ A rank-64 kohya LoRA (fp16) over every attention, feed-forward, proj and conv mo
 generated once (bench/data/sdxl_lora_r64.safetensors). Measured in separate processes:
   io-floor            read the base and write as many bytes as the fp16 output (fsync'd)
   merge-lora fp16     convkit merge-lora BASE LORA -o OUT --dtype fp16
-  merge matmuls only  just the merge's ΔW products (row chunks, addmm_ into a reused buffer, no I/O):
-                      the compute floor of the merge on this machine
+  merge matmuls only  just the merge's ΔW products (row chunks added into a reused buffer with the
+                      merge's kernel, convkit.lora.lowrank; no I/O), in one thread: the merge's
+                      compute in core-seconds
   extract-lora r64    convkit extract-lora TUNED BASE --rank 64 --conv-rank 64 (TUNED = BASE with
                       the LoRA merged, fp32); its total error and module counts are in the row
 Targets: merge <= 1.3x the I/O floor, peak RSS <= 2 GB.
@@ -45,18 +46,20 @@ with open(sys.argv[3] + '.info.json', 'w') as f:
 
 MATMULS = """
 import sys, torch
+torch.set_num_threads(1)
 from convkit.lora.formats import read_lora
+from convkit.lora.lowrank import LowRank, add_lowrank_
 lf = read_lora(sys.argv[1])
-fac = [(lf.load(a, 'up').flatten(1), lf.load(a, 'down').flatten(1)) for a in lf.adapters]
+fac = [LowRank(lf.load(a, 'up'), lf.load(a, 'down')) for a in lf.adapters]
 buf = torch.empty(2 << 20)
 import time
 t_mm = time.perf_counter()
-for up, down in fac:
-    row = down.shape[1]
-    rows = -(-up.shape[0] // -(-up.shape[0] // ((2 << 20) // row)))
-    for a in range(0, up.shape[0], rows):
-        b = min(up.shape[0], a + rows)
-        buf[: (b - a) * row].view(b - a, row).addmm_(up[a:b], down)
+for lr in fac:   # one thread: the merge runs one single-threaded worker per core
+    row = lr.down.shape[1]
+    rows = -(-lr.up.shape[0] // -(-lr.up.shape[0] // ((2 << 20) // row)))
+    for a in range(0, lr.up.shape[0], rows):
+        b = min(lr.up.shape[0], a + rows)
+        add_lowrank_(buf[: (b - a) * row].view(b - a, row), lr, 1.0, slice(a, b))
 open(sys.argv[2], 'w').write('%.4f' % (time.perf_counter() - t_mm))
 """
 

@@ -6,6 +6,7 @@ policy, clamped to +-65504 (default), kept as inf, or refused.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,9 @@ from .errors import TensorValueError, UsageError
 from .registry import register
 
 OVERFLOW_POLICIES = ("clamp", "inf", "error")
+
+
+_COUNT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -51,7 +55,8 @@ def cast_into(name: str, src: torch.Tensor, out: torch.Tensor, ctx: CastContext)
     over = int(overflow.sum())
     if not over:
         return
-    ctx.overflows[name] = ctx.overflows.get(name, 0) + over
+    with _COUNT_LOCK:   # chunks of one tensor may be cast by several threads
+        ctx.overflows[name] = ctx.overflows.get(name, 0) + over
     if ctx.on_overflow == "error":
         raise TensorValueError(
             f"{ctx.overflows[name]} values exceed the {dtypes.from_torch(out.dtype)} range "

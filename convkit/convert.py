@@ -166,7 +166,7 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, dtype: str = "f
             return result
         result.stats = execute(plan, lambda it, t: cast(it.key, t, ctx), overwrite=overwrite,
                                progress=progress,
-                               chunk_fn=lambda it, a, b: cast_into(it.key, a, b, ctx))
+                               chunk_fn=lambda it, start, a, b: cast_into(it.key, a, b, ctx))
         result.overflows = dict(ctx.overflows)
         if ctx.overflows:
             n = sum(ctx.overflows.values())

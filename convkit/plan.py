@@ -21,7 +21,7 @@ from . import __version__, dtypes
 from .errors import ConvkitError, Interrupted
 from .progress import Progress
 from .sources.base import TensorSource
-from .chunked import stream_items
+from .chunked import stream_items, stream_items_parallel
 from .errors import raise_all
 from .writer import FolderStage, OutSpec, SafetensorsWriter, check_output
 
@@ -132,7 +132,8 @@ def execute(plan: Plan, transform: Transform, *, overwrite: bool = False,
     ``chunk_fn(item, src, out)``, when given, is the same transform as an elementwise kernel
     writing into ``out``; if the source can read byte ranges, the plan is then streamed in
     fixed-size chunks through reusable buffers (:mod:`convkit.chunked`; ``chunk_opts`` are
-    its per-item options ``elems_of``/``force``, with ``transform`` for whole-tensor items).
+    its per-item options ``elems_of``/``force``/``prepare``, with ``transform`` for whole-tensor
+    items; ``parallel=True`` uses one worker thread per core instead of a reader/writer pipeline).
     """
     progress = progress or Progress(enabled=False)
     stats = RunStats()
@@ -182,7 +183,8 @@ def _write_file(plan: Plan, path: Path, rel: str, transform: Transform, bar, sta
     with SafetensorsWriter(path, specs, plan.metadata.get(rel)) as w:
         if chunk_fn is not None:
             opts = {"transform": transform, **chunk_opts} if chunk_opts else {}
-            stream_items(items, plan.source, w, chunk_fn, on_progress=bar.update, **opts)
+            engine = stream_items_parallel if opts.pop("parallel", False) else stream_items
+            engine(items, plan.source, w, chunk_fn, on_progress=bar.update, **opts)
             stats.tensors += len(items)
             stats.bytes_read += sum(i.src_bytes for i in items)
             items = []

@@ -216,6 +216,8 @@ class SafetensorsWriter:
         self._thread: WriterThread | None = None
         self._part = 0  # bytes of the current tensor received through write_part
         self.bytes_written = 0
+        self._at: dict[str, int] | None = None   # positional mode: bytes written per tensor
+        self._at_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> "SafetensorsWriter":
@@ -244,6 +246,7 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Hand over the next tensor (in spec order); it is written and then released."""
+        self._not_positional()
         if self._next >= len(self.specs):
             raise UsageError(f"unexpected extra tensor '{name}'", path=self.path)
         spec = self.specs[self._next]
@@ -265,6 +268,7 @@ class SafetensorsWriter:
         ``release()`` is called (from the writer thread) once the bytes are on their way to
         disk, so the caller can reuse the buffer.
         """
+        self._not_positional()
         if self._next >= len(self.specs):
             raise UsageError(f"unexpected extra tensor '{name}'", path=self.path)
         spec = self.specs[self._next]
@@ -279,6 +283,61 @@ class SafetensorsWriter:
             self._next += 1
             self._part = 0
         self._enqueue(data, release)
+
+    # -- positional mode: any thread, any order ----------------------------------------------
+    def begin_positional(self) -> None:
+        """Switch to positional writes (:meth:`write_at`): the file gets its final size now and
+        several threads may then write any tensor's bytes at their place, in any order. Every
+        tensor must be written exactly once, in full, before :meth:`commit`."""
+        self._not_positional()
+        if self._next or self._part:
+            raise UsageError("positional writes must start before any tensor is written",
+                             path=self.path)
+        self._stop_thread()
+        self._raise_if_failed()
+        self._thread = None
+        base = len(self._header)
+        self._data_at = {}
+        for spec in self.specs:
+            self._data_at[spec.name] = base
+            base += spec.nbytes
+        self._at = {spec.name: 0 for spec in self.specs}
+        try:
+            self._f.flush()
+            os.ftruncate(self._f.fileno(), base)
+        except OSError as e:
+            raise _os_error(e, self.path) from None
+
+    def write_at(self, name: str, start: int, data: torch.Tensor) -> None:
+        """Write ``data`` (1-D uint8) as bytes ``start:start+len`` of tensor ``name``."""
+        if self._at is None:
+            raise UsageError("write_at needs begin_positional()", path=self.path)
+        n = data.numel()
+        spec = self.specs[self._index[name]]
+        if start < 0 or start + n > spec.nbytes:
+            raise UsageError(f"bytes {start}:{start + n} outside the planned {spec.nbytes}",
+                             path=self.path, key=name)
+        mv = memoryview(data.numpy()) if n else b""
+        pos, done = self._data_at[name] + start, 0
+        try:
+            while done < n:
+                done += os.pwrite(self._f.fileno(), mv[done:], pos + done)
+        except OSError as e:
+            raise _os_error(e, self.path) from None
+        with self._at_lock:
+            self._at[name] += n
+            self.bytes_written += n
+
+    def _not_positional(self) -> None:
+        if self._at is not None:
+            raise UsageError("sequential write after begin_positional()", path=self.path)
+
+    def _positional_missing(self) -> str | None:
+        for spec in self.specs:
+            if self._at[spec.name] != spec.nbytes:
+                return (f"tensor '{spec.name}': {self._at[spec.name]} of {spec.nbytes} bytes "
+                        "were written")
+        return None
 
     def _enqueue(self, data, release) -> None:
         if self._thread is None:
@@ -296,7 +355,10 @@ class SafetensorsWriter:
         try:
             self._stop_thread()
             self._raise_if_failed()
-            if self._next != len(self.specs) or self._part:
+            problem = self._positional_missing() if self._at is not None else None
+            if problem:
+                raise UsageError(problem, path=self.path)
+            if self._at is None and (self._next != len(self.specs) or self._part):
                 missing = self.specs[self._next].name
                 raise UsageError(f"only {self._next} of {len(self.specs)} tensors were written "
                                  f"(next: '{missing}')", path=self.path)

@@ -22,6 +22,7 @@ from ..progress import Progress
 from ..sources import open_source
 from . import adapters as A
 from .formats import Adapter, LoraFile, check_shape, match, read_lora, validate
+from .lowrank import LowRank, add_lowrank_
 from .rows import RowMerger
 from .table import ModuleTable, Unit, table_for_source
 
@@ -239,15 +240,14 @@ def apply_patch(table: ModuleTable, p: Patch, key: str, w: torch.Tensor, src) ->
     offsets = [sum(unit.sizes[:i]) for i in range(len(unit.sizes) + 1)]
     if p.ad.is_fused_lora and not p.ad.dora and not unit.transform \
             and all(locs[i].transform in (None, "conv1x1") for i in mine):
-        # fast path: W[rows] += (alpha/r·weight) · up[rows] @ down, in place, no temporaries
-        up = p.lf.load(p.ad, "up").flatten(1)
-        down = p.lf.load(p.ad, "down").flatten(1)
+        # fast path: W[rows] += (alpha/r·weight) · up[rows] @ down, in place
+        lr = LowRank(p.lf.load(p.ad, "up"), p.lf.load(p.ad, "down"))
         s = p.ad.scale(p.lf.source) * p.strength
         for i in mine:
             loc = locs[i]
             tgt = w[loc.rows[0]:loc.rows[1]] if loc.rows else w
-            u = up[offsets[i]:offsets[i + 1]] if len(locs) > 1 else up
-            tgt.view(tgt.shape[0], -1).addmm_(u, down, alpha=s)
+            rows = slice(offsets[i], offsets[i + 1]) if len(locs) > 1 else None
+            add_lowrank_(tgt.view(tgt.shape[0], -1), lr, s, rows)
         return
     if p.ad.dora:
         wu = _unit_weight(table, unit, key, w, src)
@@ -326,19 +326,11 @@ def merge_lora(base: str | os.PathLike, loras, output: str | os.PathLike, *,
                 return registry.get("cast", item.dtype)(item.key, t, ctx)
 
             rows = RowMerger(table, patches, ctx)
-            # leave a core to the reader and writer threads when torch's idle OpenMP workers
-            # spin (the default wait policy; 2 cores: 1.95x -> 1.6x the I/O floor). The CLI
-            # makes them sleep instead (convkit.runtime), and then all cores can compute.
-            threads = torch.get_num_threads()
-            if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" or \
-                    os.environ.get("CONVKIT_MERGE_SPARE_CORE") == "1":
-                torch.set_num_threads(max(1, threads - 1))
-            try:
-                result.stats = execute(plan, transform, overwrite=overwrite, progress=progress,
-                                       chunk_fn=rows, elems_of=rows.elems_of, force=rows.force,
-                                       prepare=rows.prepare)
-            finally:
-                torch.set_num_threads(threads)
+            # one worker per core, each doing read -> deltas -> cast -> write for its chunks
+            # (convkit.chunked.stream_items_parallel): the matmuls are half the CPU work here
+            result.stats = execute(plan, transform, overwrite=overwrite, progress=progress,
+                                   chunk_fn=rows, elems_of=rows.elems_of, force=rows.force,
+                                   prepare=rows.prepare, parallel=True)
             if ctx.overflows:
                 result.notes.append(f"{sum(ctx.overflows.values())} values beyond the "
                                     f"{dtype} range were {on_overflow}ed")

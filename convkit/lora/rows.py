@@ -3,23 +3,25 @@
 A plain LoRA delta ``up @ down`` decomposes by output rows: rows ``a:b`` of ΔW are
 ``up[a:b] @ down``. So a base tensor whose patches are all plain LoRAs (no DoRA, no Tucker core,
 no transpose) is streamed like a dtype cast (:mod:`convkit.chunked`): whole rows are read into
-reusable buffers, the deltas are added in place in fp32 (``addmm_``), the chunk is cast into a
+reusable buffers, the deltas are added in place in fp32 (:mod:`convkit.lora.lowrank`), the chunk is cast into a
 reusable output buffer and written, while the next chunk is being read. No per-tensor
 allocation, the matmuls overlap the I/O. Every other patch (LoHa, LoKr, DoRA, full diffs,
 biases, transposed or swapped tensors) makes its tensor a whole-tensor item
 (:func:`convkit.lora.merge.apply_patch`).
 
 Per element the arithmetic is the whole-tensor path's: ``W += s·(up·down)`` with the same
-``addmm_`` (or ``W += weight·((up·down)·alpha/rank)``), patches in the same order.
+kernel (or ``W += weight·((up·down)·alpha/rank)``), patches in the same order.
 """
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from ..casts import CastContext, cast_into
+from .lowrank import LowRank, add_lowrank_
 from .table import ModuleTable
 
 _ROW_TRANSFORMS = (None, "conv1x1")   # keymap transforms that keep rows as rows
@@ -31,7 +33,7 @@ class RowOp:
     lo: int                 # base rows lo:hi hold this part of the unit
     hi: int
     off: int                # up row of base row lo
-    fast: bool              # addmm_(alpha=scale·weight), else += weight·((up·down)·scale)
+    fast: bool              # add_lowrank_(alpha=scale·weight), else += weight·((up·down)·scale)
 
 
 def row_ops(table: ModuleTable, key: str, shape: tuple[int, ...], patches) -> list[RowOp] | None:
@@ -58,21 +60,26 @@ def row_ops(table: ModuleTable, key: str, shape: tuple[int, ...], patches) -> li
 
 
 class RowMerger:
-    """``elems_of`` / ``force`` / ``chunk_fn`` for :func:`convkit.plan.execute`."""
+    """``elems_of`` / ``force`` / ``prepare`` / ``chunk_fn`` for :func:`convkit.plan.execute`.
+
+    Stateless per chunk (the chunk's first element says which rows it holds), so chunks may be
+    merged by several threads at once and in any order; the LoRA factors of a tensor are
+    loaded once and dropped when its last chunk is done.
+    """
 
     def __init__(self, table: ModuleTable, patches: dict, ctx: CastContext):
         self.table, self.patches, self.ctx = table, patches, ctx
         self.ops: dict[str, list[RowOp] | None] = {}
-        self._key: str | None = None
-        self._pos = 0
-        self._factors: dict[int, tuple] = {}
-        self._scratch: torch.Tensor | None = None
-        self._rkey: str | None = None          # the reader thread's own position (prepare)
-        self._rfactors: dict[int, tuple] = {}
+        self._lock = threading.Lock()
+        self._factors: dict[str, dict[int, tuple]] = {}   # tensor -> patch id -> factors
+        self._left: dict[str, int] = {}                   # tensor -> elements not merged yet
+        self._local = threading.local()                   # per-thread fp32 scratch
 
     def _ops(self, it) -> list[RowOp] | None:
         if it.key not in self.ops:
-            self.ops[it.key] = row_ops(self.table, it.key, tuple(it.shape), self.patches[it.key])
+            ops = row_ops(self.table, it.key, tuple(it.shape), self.patches[it.key])
+            with self._lock:
+                self.ops.setdefault(it.key, ops)
         return self.ops[it.key]
 
     def elems_of(self, it, elems: int) -> int:
@@ -90,67 +97,66 @@ class RowMerger:
     def force(self, it) -> bool:
         return it.key in self.patches
 
-    def _load(self, op: RowOp, cache: dict | None = None) -> tuple:
-        cache = self._factors if cache is None else cache
+    def _load(self, key: str, op: RowOp) -> tuple:
         p = op.patch
-        got = cache.get(id(p))
-        if got is None:
-            up = p.lf.load(p.ad, "up").flatten(1)
-            down = p.lf.load(p.ad, "down").flatten(1)
-            got = cache[id(p)] = (up, down, p.ad.scale(p.lf.source), p.strength)
+        with self._lock:
+            cache = self._factors.setdefault(key, {})
+            got = cache.get(id(p))
+            if got is None:
+                lr = LowRank(p.lf.load(p.ad, "up"), p.lf.load(p.ad, "down"))
+                got = cache[id(p)] = (lr, p.ad.scale(p.lf.source), p.strength)
         return got
 
-    def _in_reader(self, it) -> bool:
+    def _finished(self, it, count: int) -> None:
+        with self._lock:
+            left = self._left.get(it.key, math.prod(it.shape)) - count
+            if left > 0:
+                self._left[it.key] = left
+            else:
+                self._left.pop(it.key, None)
+                self._factors.pop(it.key, None)
+
+    def _in_prepare(self, it) -> bool:
         return it.key in self.patches and it.src_dtype == "F32"
 
-    def _apply(self, it, w2: torch.Tensor, r0: int, cache: dict) -> None:
+    def _apply(self, it, w2: torch.Tensor, r0: int) -> None:
         n = w2.shape[0]
         for op in self._ops(it):
             a, b = max(op.lo, r0), min(op.hi, r0 + n)
             if a >= b:
                 continue
-            up, down, scale, strength = self._load(op, cache)
-            u = up[op.off + a - op.lo: op.off + b - op.lo]
+            lr, scale, strength = self._load(it.key, op)
+            rows = slice(op.off + a - op.lo, op.off + b - op.lo)
             tgt = w2[a - r0: b - r0]
             if op.fast:
-                tgt.addmm_(u, down, alpha=scale * strength)
+                add_lowrank_(tgt, lr, scale * strength, rows)
             else:
-                tgt += strength * ((u @ down) * scale)
+                tgt += strength * ((lr.up[rows] @ lr.down) * scale)
 
     def prepare(self, it, start: int, count: int, raw: torch.Tensor) -> None:
-        """Reader thread: add the deltas in place into an fp32 chunk just read (our buffer)."""
-        if not self._in_reader(it):
+        """Right after an fp32 chunk is read (into our own buffer): add the deltas in place.
+        The sequential engine calls this on its reader thread, so it overlaps the casts."""
+        if not self._in_prepare(it):
             return
-        if it.key != self._rkey:
-            self._rkey, self._rfactors = it.key, {}
         row = math.prod(it.shape[1:])
-        self._apply(it, raw.view(torch.float32).view(count // row, row), start // row,
-                    self._rfactors)
-        if start + count == math.prod(it.shape):
-            self._rkey, self._rfactors = None, {}
+        self._apply(it, raw.view(torch.float32).view(count // row, row), start // row)
+        self._finished(it, count)
 
-    def __call__(self, it, src: torch.Tensor, out: torch.Tensor) -> None:
-        if it.key not in self.patches or self._in_reader(it):  # deltas already added
+    def __call__(self, it, start: int, src: torch.Tensor, out: torch.Tensor) -> None:
+        if it.key not in self.patches or self._in_prepare(it):  # deltas already added
             if out.dtype == src.dtype:
                 out.copy_(src)
             else:
                 cast_into(it.key, src, out, self.ctx)
             return
-        if it.key != self._key:                 # first chunk of a new tensor
-            self._key, self._pos, self._factors = it.key, 0, {}
         row = math.prod(it.shape[1:])
-        r0, n = self._pos // row, src.numel() // row
-        self._pos += src.numel()
-        if src.dtype == torch.float32:
-            w = src                             # our own read buffer: add in place
-        else:
-            if self._scratch is None or self._scratch.numel() < src.numel():
-                self._scratch = torch.empty(src.numel(), dtype=torch.float32)
-            w = self._scratch[: src.numel()]
-            w.copy_(src)
-        self._apply(it, w.view(n, row), r0, self._factors)
-        if self._pos == math.prod(it.shape):
-            self._key, self._factors = None, {}
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.numel() < src.numel():
+            scratch = self._local.scratch = torch.empty(src.numel(), dtype=torch.float32)
+        w = scratch[: src.numel()]
+        w.copy_(src)
+        self._apply(it, w.view(src.numel() // row, row), start // row)
+        self._finished(it, src.numel())
         if out.dtype == torch.float32:
             out.copy_(w)
         else:
