@@ -259,6 +259,38 @@ def _make_extra(e: Extra, out: Mapping[str, torch.Tensor]) -> torch.Tensor | Non
     raise ValueError(f"unknown extra maker {e.make}")
 
 
+def diffusers_recipes(kind: str, km: KeyMap, shapes: Mapping[str, tuple[int, ...]], *,
+                      strict: bool = True, where: str = ""
+                      ) -> list[tuple[str, str, str | None, tuple[int, int] | None]]:
+    """The other direction of :func:`single_file_recipes`, from names and shapes only:
+    ``(single name, diffusers name, transform, rows)`` per diffusers tensor, in source order;
+    ``rows`` is the part's ``(start, stop)`` along dim 0 of the *transformed* single-file
+    tensor when it is fused (OpenCLIP in_proj, Flux qkv / linear1), else None. Known
+    single-file-only tensors are left out; unknown names raise unless ``strict=False``."""
+    skip = {e.single for e in km.extras}
+    out = []
+    unknown = []
+    for name, shape in shapes.items():
+        if name in skip:
+            continue
+        target = km.s2d(name)
+        if target is None:
+            unknown.append(name)
+            continue
+        if len(target.parts) == 1:
+            out.append((name, target.parts[0], target.transform, None))
+            continue
+        total = _bwd(target.transform, torch.empty(shape, device="meta")).shape[0]
+        a = 0
+        for pname, n in zip(target.parts, _part_sizes(target, total, km.hidden)):
+            out.append((name, pname, target.transform, (a, a + n)))
+            a += n
+    if unknown and strict:
+        raise KeyMapError(f"{len(unknown)} {kind} tensor(s){where} have no diffusers name, "
+                          f"e.g. {unknown[:3]}", key=unknown[0])
+    return out
+
+
 def to_diffusers(kind: str, sd: Mapping[str, torch.Tensor], config=None, *,
                  strict: bool = True) -> dict[str, torch.Tensor]:
     """Single-file state dict of one component (no checkpoint prefix) -> diffusers names.
@@ -267,26 +299,11 @@ def to_diffusers(kind: str, sd: Mapping[str, torch.Tensor], config=None, *,
     tensors (``position_ids``, ``logit_scale``) are dropped.
     """
     km = get_map(kind, config, names=sd.keys(), side="s", sd=sd)
-    skip = {e.single for e in km.extras}
     out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for name, t in sd.items():
-        if name in skip:
-            continue
-        target = km.s2d(name)
-        if target is None:
-            unknown.append(name)
-            continue
-        t = _bwd(target.transform, t)
-        if len(target.parts) == 1:
-            out[target.parts[0]] = t
-        else:
-            sizes = _part_sizes(target, t.shape[0], km.hidden)
-            for pname, piece in zip(target.parts, torch.split(t, sizes, dim=0)):
-                out[pname] = piece
-    if unknown and strict:
-        raise KeyMapError(f"{len(unknown)} {kind} tensor(s) have no diffusers name, e.g. {unknown[:3]}",
-                          key=unknown[0])
+    shapes = {k: tuple(t.shape) for k, t in sd.items()}
+    for single, name, transform, rows in diffusers_recipes(kind, km, shapes, strict=strict):
+        t = _bwd(transform, sd[single])
+        out[name] = t if rows is None else t[rows[0]:rows[1]]
     return out
 
 

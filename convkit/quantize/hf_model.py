@@ -21,7 +21,7 @@ import torch
 
 from .. import dtypes, keymap
 from ..errors import InputFormatError, UsageError
-from ..keymap import _bwd, _part_sizes
+from ..keymap import _bwd
 
 
 @dataclass
@@ -110,33 +110,20 @@ def _component_tensors(src, det, comp: str) -> list[DTensor]:
         return out
     kind = det.arch.components[comp].keymap
     rels = {k[len(prefix):]: k for k in ordered}
-    meta = {r: torch.empty(src.info(k).shape, device="meta") for r, k in rels.items()}
+    shapes = {r: tuple(src.info(k).shape) for r, k in rels.items()}
+    meta = {r: torch.empty(sh, device="meta") for r, sh in shapes.items()}
     km = keymap.get_map(kind, None, names=list(rels), side="s", sd=meta)
-    skip = {e.single for e in km.extras}
-    unknown = []
-    for rel, k in rels.items():
-        if rel in skip:
-            continue
-        target = km.s2d(rel)
-        if target is None:
-            unknown.append(k)
-            continue
+    for rel, name, transform, rows in keymap.diffusers_recipes(kind, km, shapes,
+                                                                where=f" of '{comp}'"):
+        k = rels[rel]
         info = src.info(k)
-        t = _bwd(target.transform, meta[rel])
-        if len(target.parts) == 1:
-            out.append(DTensor(target.parts[0], k, tuple(t.shape), info.dtype, target.transform,
-                               src_bytes=info.nbytes))
-            continue
-        sizes = _part_sizes(target, t.shape[0], km.hidden)
-        a = 0
-        for pname, n in zip(target.parts, sizes):
-            shape = (n, *t.shape[1:])
-            out.append(DTensor(pname, k, shape, info.dtype, target.transform, (a, a + n),
-                               src_bytes=info.nbytes * n // max(t.shape[0], 1)))
-            a += n
-    if unknown:
-        raise keymap.KeyMapError(f"{len(unknown)} tensor(s) of '{comp}' have no diffusers name, "
-                                 f"e.g. {unknown[:3]}", key=unknown[0])
+        shape = tuple(_bwd(transform, meta[rel]).shape)
+        if rows is None:
+            out.append(DTensor(name, k, shape, info.dtype, transform, src_bytes=info.nbytes))
+        else:
+            n = rows[1] - rows[0]
+            out.append(DTensor(name, k, (n, *shape[1:]), info.dtype, transform, rows,
+                               src_bytes=info.nbytes * n // max(shape[0], 1)))
     return out
 
 
