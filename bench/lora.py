@@ -11,7 +11,7 @@ generated once (bench/data/sdxl_lora_r64.safetensors). Measured in separate proc
                       the LoRA merged, fp32); its total error and module counts are in the row
 Targets: merge <= 1.3x the I/O floor, peak RSS <= 2 GB.
 
-    python bench/lora.py [--repeat 3] [--skip-extract] [--svd-full]
+    python bench/lora.py [--repeat 3] [--skip-extract] [--svd-full] [--cold]
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, IO_FLOOR, WARM, drop, full_size_checkpoint, report, run_measured  # noqa: E402
+from _common import (DATA, IO_FLOOR, WARM, drop, evict, full_size_checkpoint, report,  # noqa: E402
+                     run_measured)
 
 MERGE = """
 import sys
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--skip-extract", action="store_true")
     ap.add_argument("--svd-full", action="store_true", help="also time extract-lora --svd full")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the base and the LoRA from the page cache before every run")
     args = ap.parse_args()
     base = full_size_checkpoint("sdxl", "F32")
     lora = make_lora(base)
@@ -102,7 +105,8 @@ def main() -> None:
 
     with open_source(base) as s:
         out_bytes = sum(i.nbytes // 2 if i.dtype == "F32" else i.nbytes for i in s.infos())
-    run_measured(WARM, str(base))
+    if not args.cold:
+        run_measured(WARM, str(base))
     variants = [("io-floor", IO_FLOOR, (str(base), str(out), str(out_bytes))),
                 ("merge-lora fp16", MERGE, (str(base), str(lora), str(out), "fp16")),
                 ("merge matmuls only", MATMULS, (str(lora), str(out) + ".mm"))]
@@ -110,6 +114,9 @@ def main() -> None:
     for rep in range(args.repeat):
         for name, code, a in variants:
             drop(out)
+            if args.cold:
+                evict(base)
+                evict(lora)
             r = run_measured(code, *a)
             mm = Path(str(out) + ".mm")
             if mm.exists():    # matmuls only: the timed loop, not the process
