@@ -179,7 +179,7 @@ def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, tuple[str, torch.T
 def run(arch: str, tmp: Path, layout: str, qtype: str | None = None, **kw):
     res = quantize(checkpoint(arch), tmp / "m.gguf", "gguf:Q8_0", layout=layout,
                    extras_dir=tmp / "x", extras_format="gguf", extras_type=qtype, **kw)
-    return res, {Path(p).name: Path(p) for p in res.extras}
+    return res, {Path(p).name: Path(p) for p in res.extras or []}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -333,7 +333,7 @@ def test_comfy_components_without_gguf_loader_stay_safetensors(tmp_path):
 # ------------------------------------------------------------------------------------ sd.cpp
 
 
-@pytest.mark.parametrize("arch", ["flux_dev", "sdxl"])
+@pytest.mark.parametrize("arch", ["flux_dev"])
 def test_sdcpp_extras_names_are_what_sdcpp_builds(tmp_path, arch):
     res, files = run(arch, tmp_path, "sdcpp", "Q8_0")
     assert sorted(files) == ["m.text_encoder.gguf", "m.text_encoder_2.gguf", "m.vae.gguf"]
@@ -372,10 +372,15 @@ def test_sdcpp_extras_names_are_what_sdcpp_builds(tmp_path, arch):
     assert len(notes) == 3 and all("stable-diffusion.cpp --" in n for n in notes)
 
 
-def test_sdcpp_refiner_clip_g_stays_safetensors(tmp_path):
-    res, files = run("sdxl_refiner", tmp_path, "sdcpp")
-    assert sorted(files) == ["m.text_encoder_2.safetensors", "m.vae.gguf"]
-    assert any("refiner" in n and "safetensors, not GGUF" in n for n in res.plan.notes)
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sdxl_refiner"])
+def test_sdcpp_unet_models_bundle_instead_of_extras(tmp_path, arch):
+    """SD1/SDXL: sd.cpp cannot place separate text-encoder files next to a UNet-only GGUF
+    (docs/loaders.md), so they are in the main file (tests/test_quantize_gguf.py) and --extras
+    writes nothing for them."""
+    res, files = run(arch, tmp_path, "sdcpp")
+    assert files == {}
+    assert set(res.plan.bundled) == set(res.plan.detection.component_keys) - {"unet"}
+    assert any("already in m.gguf" in n for n in res.plan.notes)
 
 
 # ------------------------------------------------------------------------------------ bad input

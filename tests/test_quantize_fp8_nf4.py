@@ -274,3 +274,26 @@ def test_one_buffer_pools_give_the_same_file(tmp_path, target, monkeypatch):
     monkeypatch.setattr(run, "OUT_BUFFERS", 1)
     quantize(src, tmp_path / f"b.{ext}", target)
     assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_nf4_keeps_the_shapes_forge_detection_reads(tmp_path, arch):
+    """Forge (huggingface_guess detection.py detect_unet_config) reads context_dim = shape[1] of
+    every '<block>.1.transformer_blocks.0.attn2.to_k.weight' and, for SDXL, adm_in_channels =
+    shape[1] of 'label_emb.0.0.weight' before it loads anything; packed 4-bit they read as 1 and
+    no model matches. They must keep their shapes; every other large Linear weight is 4-bit."""
+    import re
+
+    src = checkpoint(arch)
+    out = tmp_path / "m.safetensors"
+    quantize(src, out, "nf4")
+    ref, got = _load(src), _load(out)
+    probes = [k for k in ref if re.search(r"\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$", k)]
+    if arch == "sdxl":
+        probes.append(UNET + "label_emb.0.0.weight")
+    assert len(probes) >= 2
+    for k in probes:
+        assert got[k].shape == ref[k].shape and torch.equal(got[k], ref[k]), k
+    big = [k for k in ref if k.startswith(UNET) and k.endswith(".weight") and ref[k].ndim == 2
+           and ref[k].numel() > 1024 and k not in probes]
+    assert big and all(got[k].dtype == torch.uint8 for k in big)

@@ -110,24 +110,42 @@ def test_comfy_layout(tmp_path, arch, target):
         assert i.reason.startswith("fallback:") and i.wanted and i.qtype != i.wanted
 
 
-def test_sdcpp_layout(tmp_path):
-    src = checkpoint("sdxl")
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_sdcpp_layout(tmp_path, arch):
+    """What sd.cpp's own `-M convert` writes: ONE file, every tensor under its checkpoint name
+    (sd.cpp tells SD1 / SDXL apart by the text encoders in the model file, get_sd_version),
+    the UNet with sd.cpp's keep rules, never rearranged; text encoders and VAE F16 / F32."""
+    from gguf.quants import dequantize
+
+    src = checkpoint(arch)
     out = tmp_path / "m.gguf"
-    quantize(src, out, "gguf:Q8_0", layout="sdcpp")
+    res = quantize(src, out, "gguf:Q8_0", layout="sdcpp", extras_dir=tmp_path / "x",
+                   extras_format="gguf")
     ref = _source_model(src, "")
+    buffers = {k for k in ref if k.endswith(("position_ids", "logit_scale"))}
     r = gguf.GGUFReader(out)
     assert r.get_field("general.architecture") is None
     assert not [k for k in r.fields if k.startswith("comfy.gguf.orig_shape.")]
+    assert {t.name for t in r.tensors} == set(ref) - buffers
+    probe = ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+             if arch == "sdxl" else
+             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+    assert probe in {t.name for t in r.tensors}
     for t in r.tensors:
-        assert t.name.startswith("model.diffusion_model.")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         assert shape == tuple(ref[t.name].shape)          # never rearranged
+        kind = t.tensor_type.name
         if t.name.endswith(".bias") or len(shape) == 1:
-            assert t.tensor_type.name == "F32"
+            assert kind == "F32"
+        if not t.name.startswith("model.diffusion_model."):
+            assert kind in ("F16", "F32")
         if "time_embed." in t.name or "label_emb." in t.name:
-            assert t.tensor_type.name in ("F32", "F16")
-        if t.tensor_type.name == "Q8_0":
+            assert kind in ("F32", "F16")
+        if kind == "Q8_0":
             assert shape[-1] % 32 == 0
+        got = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(shape)
+        assert _rel(got, ref[t.name]) <= BOUND[kind] + 1e-7, t.name
+    assert not res.extras and any("already in m.gguf" in n for n in res.plan.notes)
 
 
 def test_type_rule_and_extras(tmp_path):

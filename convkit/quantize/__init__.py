@@ -115,7 +115,10 @@ def quantize(input: str | os.PathLike, output: str | os.PathLike, target: str, *
             if not dry_run:
                 Path(extras_dir).mkdir(parents=True, exist_ok=True)
             extras_plan = plan_extras(src, det, Path(extras_dir), out, rest, fmt=xfmt,
-                                      layout=layout, qtype=xtype)
+                                      layout=layout, qtype=xtype, skip=plan.bundled)
+            if plan.bundled:
+                plan.notes.append(f"extras: {', '.join(plan.bundled)} not written to {extras_dir}:"
+                                  f" already in {out.name}")
             for p in extras_plan:
                 problems += check_output(p.out, raw.files() + [raw.path], overwrite, p.out_bytes)
                 plan.notes += p.notes

@@ -18,14 +18,16 @@ from ..cli import _progress, emit_plan_or_json, main, output_options
                    "CUDA GPU and is refused).")
 @click.option("--layout", type=click.Choice(["comfy", "sdcpp"]), default="comfy",
               show_default=True, help="GGUF: ComfyUI-GGUF (rows of 256, orig_shape metadata) or "
-                                      "stable-diffusion.cpp (LDM names, no rearrangement).")
+                                      "stable-diffusion.cpp (LDM names, no rearrangement; for "
+                                      "SD1/SDXL one file with the text encoders and VAE, F16).")
 @click.option("--type-rule", "type_rules", multiple=True, metavar="REGEX=TYPE",
               help="GGUF: give tensors whose name matches REGEX this type (first match wins; "
                    "repeatable).")
 @click.option("--scaled-format", type=click.Choice(["scale_weight", "comfy_quant"]),
               default="scale_weight", show_default=True,
               help="fp8-scaled: 'scaled_fp8' marker + scale_weight (ComfyUI and Forge), or "
-                   "weight_scale + per-layer comfy_quant (newer ComfyUI).")
+                   "weight_scale + per-layer comfy_quant (newer ComfyUI only: Forge ignores "
+                   "weight_scale and loads such files with unscaled weights).")
 @click.option("--double-quant", is_flag=True,
               help="nf4/fp4: quantize the absmax statistics too (smaller; v1 layout).")
 @click.option("--rest-dtype", default="source", show_default=True,
@@ -38,7 +40,7 @@ from ..cli import _progress, emit_plan_or_json, main, output_options
               default="safetensors", show_default=True,
               help="--extras files: safetensors (prefix removed), or gguf: each component in "
                    "the GGUF form its loader takes under --layout (comfy: T5 for ComfyUI-GGUF's "
-                   "CLIP loaders; sdcpp: --t5xxl/--clip_l/--clip_g/--vae); components with no "
+                   "CLIP loaders; sdcpp, Flux: --t5xxl/--clip_l/--vae); components with no "
                    "GGUF loader stay safetensors, with a note.")
 @click.option("--extras-type", default="auto", show_default=True,
               help="--extras-format gguf: GGUF type of the extra files (F16, BF16, Q8_0, ..., "

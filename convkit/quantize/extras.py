@@ -33,14 +33,14 @@ def _plan_safetensors(src, det, comp: str, keys: list[str], out: Path,
 
 def plan_extras(src, det, folder: Path, out: Path, rest_dtype: str | None, *,
                 fmt: str = "safetensors", layout: str = "comfy",
-                qtype: str | None = None) -> list:
+                qtype: str | None = None, skip=()) -> list:
     """One plan per extra component: :class:`~convkit.plan.Plan` (safetensors) or
     :class:`~convkit.quantize.plan.QPlan` (GGUF). Each plan's ``notes`` say what it is."""
     plans = []
     comp_main = det.arch.diffusion_component
     stem = out.name.split(".")[0]
     for comp, keys in det.component_keys.items():
-        if comp == comp_main or not keys:
+        if comp == comp_main or comp in skip or not keys:
             continue
         if fmt == "gguf":
             from .extras_gguf import plan_gguf_extra, rule_for

@@ -160,6 +160,41 @@ def _arch_rules(rule: ExtraRule) -> ArchRules:
     return ArchRules(f"extras {rule.kind}/{rule.layout}", (), 0, keep, keep, {}, {})
 
 
+def _typer(rule: ExtraRule, qtype: str) -> GGUFTyper:
+    return GGUFTyper(qtype, _arch_rules(rule), rule.layout,
+                     [TypeRule.parse(r) for r in rule.type_rules])
+
+
+def bundle_into(plan: QPlan, src, det) -> list[str]:
+    """stable-diffusion.cpp layout for SD1/SDXL: add the text encoders and the VAE to the main
+    file under their checkpoint names (what sd.cpp's own ``-M convert`` writes). sd.cpp tells
+    SD1 / SD2 / SDXL apart by the text encoders found in the *model* file
+    (``ModelLoader::get_sd_version``) and only then places --clip_l / --vae tensors, so a
+    UNet-only GGUF plus separate text-encoder files cannot load. Each component gets its
+    --extras-format gguf default type and keep rules (formats/extras/gguf.toml, ``sdcpp``);
+    buffers (position_ids, logit_scale) are left out. Returns the bundled components."""
+    bundled = []
+    for comp_name, keys in det.component_keys.items():
+        if comp_name == det.arch.diffusion_component or not keys:
+            continue
+        comp = det.arch.components[comp_name]
+        rule = rule_for(comp.keymap, "sdcpp")
+        typer = _typer(rule, rule.default_type)
+        for k in keys:
+            if comp.is_buffer(det.strip(k)):
+                continue
+            info = src.info(k)
+            if not info.dtype.startswith(("F", "BF")):
+                continue
+            dec = typer.decide(k, info.shape, info.dtype)
+            plan.items.append(QItem(k, k, info.shape, info.dtype, "gguf", dec.qtype,
+                                    [QOut(k, dec.qtype, dec.stored_shape, gguf=True)],
+                                    src_bytes=info.nbytes, in_model=True, reason=dec.reason,
+                                    wanted=dec.wanted))
+        bundled.append(comp_name)
+    return bundled
+
+
 def plan_gguf_extra(src, det, comp_name: str, keys: list[str], out: Path, rule: ExtraRule,
                     qtype: str | None) -> QPlan:
     """The GGUF plan of one extra component (no data read)."""
@@ -170,8 +205,7 @@ def plan_gguf_extra(src, det, comp_name: str, keys: list[str], out: Path, rule: 
     target = Target(f"gguf:{qtype}", "gguf", qtype)
     plan = QPlan(src, out, target, [], det, rule.layout,
                  options={"component": comp_name, "kind": rule.kind, "extras_type": qtype})
-    typer = GGUFTyper(qtype, _arch_rules(rule), rule.layout,
-                      [TypeRule.parse(r) for r in rule.type_rules])
+    typer = _typer(rule, qtype)
     for k in keys:
         r = rel[k]
         if r not in names:

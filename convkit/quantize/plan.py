@@ -78,6 +78,7 @@ class QPlan:
     gguf_kvs: list[tuple] = field(default_factory=list)         # GGUF output
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    bundled: list[str] = field(default_factory=list)   # other components in the GGUF (sdcpp)
 
     @property
     def fmt(self) -> str:
@@ -172,8 +173,16 @@ def plan_quantize(src: TensorSource, out: Path, target: Target, det: archs.Detec
     if target.kind == "gguf":
         _plan_gguf(plan, src, rules, prefix, model_keys, [TypeRule.parse(r) for r in type_rules])
         step["layout"] = layout
+        if layout == "sdcpp" and rules.sdcpp.get("bundle"):
+            from .extras_gguf import bundle_into
+
+            plan.bundled = bundle_into(plan, src, det)
+            if plan.bundled:
+                plan.notes.append("stable-diffusion.cpp layout: " + ", ".join(plan.bundled)
+                                  + " are in the same file (sd.cpp detects SD1/SDXL from the "
+                                    "text encoders in the model file)")
         others = len(src) - len(model_keys)
-        if others:
+        if others and not plan.bundled:
             plan.notes.append(f"{others} tensors of other components ("
                               + ", ".join(c for c in det.component_keys if c != comp)
                               + ") are not in the GGUF file (--extras DIR writes them to "
@@ -199,6 +208,9 @@ def plan_quantize(src: TensorSource, out: Path, target: Target, det: archs.Detec
         item.src_bytes = info.nbytes
         item.in_model = k in in_model
         plan.items.append(item)
+    if target.kind == "fp8-scaled" and scaled_format == "comfy_quant":
+        plan.notes.append("comfy_quant scaled fp8 is for ComfyUI; Forge ignores weight_scale and "
+                          "would load these weights unscaled (use --scaled-format scale_weight)")
     if target.kind == "fp8-scaled" and scaled_format == "scale_weight":
         name = prefix + "scaled_fp8"
         plan.items.append(QItem(None, name, (2,), "-", "marker", target.qtype,

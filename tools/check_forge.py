@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Load a checkpoint with Forge's backend loader (CPU) — developer tool, never run by tests.
+
+    python tools/check_forge.py FORGE_DIR CHECKPOINT --source SRC_FP32.safetensors
+
+FORGE_DIR: a stable-diffusion-webui-forge checkout with `huggingface_guess` importable (put
+lllyasviel/huggingface_guess next to `backend/`).  Runs the body of `backend.loader.forge_loader`
+(split_state_dict + load_huggingface_component for every component of the pipeline config) with
+`--always-cpu`; it stops before the diffusion-engine object, whose text-processing import needs
+the web UI's `modules.shared`.  Prints what Forge prints (Missing / Unexpected keys) and compares
+the loaded UNet weights with the source (nf4 weights dequantized with bitsandbytes on CPU).
+"""
+import io, json, os, sys, contextlib, argparse
+
+ap = argparse.ArgumentParser()
+ap.add_argument("forge"); ap.add_argument("ckpt"); ap.add_argument("--source", required=True)
+a = ap.parse_args()
+sys.argv = [sys.argv[0], "--always-cpu"]
+sys.path.insert(0, os.path.abspath(a.forge))
+sys.path.insert(0, os.path.join(os.path.abspath(a.forge), "packages_3rdparty"))  # as modules/paths.py does
+import types
+import torch
+# backend.loader imports the diffusion engines, whose text processing imports the web UI's
+# `modules.shared.opts` at module level; the loading path run here never reads it.
+_m = types.ModuleType("modules"); _m.shared = types.ModuleType("modules.shared"); _m.shared.opts = types.SimpleNamespace()
+sys.modules.setdefault("modules", _m); sys.modules.setdefault("modules.shared", _m.shared)
+import backend.args  # noqa
+from backend import loader
+from diffusers import DiffusionPipeline
+
+buf = io.StringIO()
+res = {"ckpt": os.path.basename(a.ckpt)}
+try:
+    with contextlib.redirect_stdout(buf):
+        state_dicts, guess = loader.split_state_dict(a.ckpt)
+        local_path = os.path.join(os.path.dirname(loader.__file__), "huggingface", guess.huggingface_repo)
+        config = DiffusionPipeline.load_config(local_path)
+        comps = {}
+        for name, v in config.items():
+            if isinstance(v, list) and len(v) == 2:
+                comps[name] = loader.load_huggingface_component(guess, name, v[0], v[1], local_path, state_dicts.get(name))
+    res.update(ok=True, guess=type(guess).__name__, repo=guess.huggingface_repo,
+               components={k: type(v).__name__ for k, v in comps.items() if v is not None})
+    unet = comps["unet"]
+    res["unet_storage_dtype"] = str(unet.storage_dtype)
+    # compare with the source (diffusers names -> LDM names via huggingface_guess' map is not needed:
+    # Forge's IntegratedUNet2DConditionModel uses the LDM layout)
+    from safetensors import safe_open
+    worst, n, kinds = (0.0, None), 0, {}
+    with safe_open(a.source, "pt") as f:
+        keys = set(f.keys())
+        for mname, mod in unet.named_modules():
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                sk = "model.diffusion_model." + (f"{mname}.{pname}" if mname else pname)
+                if sk not in keys:
+                    continue
+                ref = f.get_tensor(sk).float()
+                if getattr(p, "quant_state", None) is not None:   # pre-quantized 4-bit weight
+                    import bitsandbytes.functional as F
+                    got = F.dequantize_4bit(p.data, quant_state=p.quant_state).float().reshape(ref.shape)
+                else:
+                    got = p.detach().float()
+                sw = getattr(mod, "scale_weight", None)   # Forge applies it in get_weight_and_bias
+                if pname == "weight" and sw is not None:
+                    got = got * sw.float()
+                kinds[type(p).__name__ + ":" + str(p.dtype)] = kinds.get(type(p).__name__ + ":" + str(p.dtype), 0) + 1
+                rel = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
+                n += 1
+                if rel > worst[0]:
+                    worst = (rel, sk)
+    res["weights"] = {"compared": n, "max_rel_rmse": worst[0], "worst": worst[1], "param_kinds": kinds}
+except Exception as e:
+    import traceback
+    res.update(ok=False, error=f"{type(e).__name__}: {e}"[:1500], tb=traceback.format_exc()[-2500:])
+out = buf.getvalue()
+res["forge_key_messages"] = [l[:800] for l in out.splitlines() if "Missing" in l or "Unexpected" in l or "Detected" in l or "StateDict" in l or "pre-quant" in l]
+print(json.dumps(res, indent=1, default=str))
