@@ -246,13 +246,7 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Hand over the next tensor (in spec order); it is written and then released."""
-        self._not_positional()
-        if self._next >= len(self.specs):
-            raise UsageError(f"unexpected extra tensor '{name}'", path=self.path)
-        spec = self.specs[self._next]
-        if name != spec.name:
-            raise UsageError(f"tensor '{name}' written out of order (expected '{spec.name}')",
-                             path=self.path)
+        spec = self._expect(name)
         if dtypes.from_torch(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise UsageError(f"got {dtypes.from_torch(tensor.dtype)}{list(tensor.shape)}, planned "
                              f"{spec.dtype}{list(spec.shape)}", path=self.path, key=name)
@@ -268,13 +262,7 @@ class SafetensorsWriter:
         ``release()`` is called (from the writer thread) once the bytes are on their way to
         disk, so the caller can reuse the buffer.
         """
-        self._not_positional()
-        if self._next >= len(self.specs):
-            raise UsageError(f"unexpected extra tensor '{name}'", path=self.path)
-        spec = self.specs[self._next]
-        if name != spec.name:
-            raise UsageError(f"tensor '{name}' written out of order (expected '{spec.name}')",
-                             path=self.path)
+        spec = self._expect(name)
         self._part += data.numel()
         if self._part > spec.nbytes:
             raise UsageError(f"{self._part} bytes written, planned {spec.nbytes}", path=self.path,
@@ -283,6 +271,17 @@ class SafetensorsWriter:
             self._next += 1
             self._part = 0
         self._enqueue(data, release)
+
+    def _expect(self, name: str) -> OutSpec:
+        """The spec of the next sequential tensor, which must be ``name``."""
+        self._not_positional()
+        if self._next >= len(self.specs):
+            raise UsageError(f"unexpected extra tensor '{name}'", path=self.path)
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise UsageError(f"tensor '{name}' written out of order (expected '{spec.name}')",
+                             path=self.path)
+        return spec
 
     # -- positional mode: any thread, any order ----------------------------------------------
     def begin_positional(self) -> None:

@@ -88,6 +88,22 @@ _JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 
 
 @njit(inline="always", **_JIT)
+def load_tile(x, g0, xt):
+    """Rows g0.. of x (groups x values) into xt (values x T lanes), lanes past the end zeroed
+    (such lanes compute harmlessly and are never stored). Returns the count of real lanes."""
+    G, n = x.shape
+    T = xt.shape[1]
+    m = min(T, G - g0)
+    for b in range(m):
+        for i in range(n):
+            xt[i, b] = x[g0 + b, i]
+    for b in range(m, T):
+        for i in range(n):
+            xt[i, b] = f32(0.0)
+    return m
+
+
+@njit(inline="always", **_JIT)
 def nearest_int(v):
     return (_bits_f32(v + _MAGIC) & 0x007FFFFF) - 0x00400000
 
@@ -122,13 +138,7 @@ def qkx2_kernel(x, nmax, rmin, rdelta, nstep, use_mad, wmode, L_out, scale_out, 
     upd = np.zeros(T, np.bool_)
     deg = np.zeros(T, np.bool_)
     for g0 in range(0, G, T):
-        m = min(T, G - g0)
-        for b in range(m):
-            for i in range(n):
-                xt[i, b] = x[g0 + b, i]
-        for b in range(m, T):
-            for i in range(n):
-                xt[i, b] = f32(0.0)
+        m = load_tile(x, g0, xt)
         if wmode == 1:
             for b in range(T):
                 cur[b] = f32(0.0)
@@ -266,13 +276,7 @@ def qx_kernel(x, nmax, L_out, scale_out):
     upd = np.zeros(T, np.bool_)
     zero = np.zeros(T, np.bool_)
     for g0 in range(0, G, T):
-        m = min(T, G - g0)
-        for b in range(m):
-            for i in range(n):
-                xt[i, b] = x[g0 + b, i]
-        for b in range(m, T):
-            for i in range(n):
-                xt[i, b] = f32(0.0)
+        m = load_tile(x, g0, xt)
         for b in range(T):
             amax[b] = f32(0.0)
             mxv[b] = f32(0.0)

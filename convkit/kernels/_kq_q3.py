@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._kq_numba import _EPS, _JIT, f32, nearest_clamp_f
+from ._kq_numba import _EPS, _JIT, f32, load_tile, nearest_clamp_f
 
 
 @njit(inline="always", **_JIT)
@@ -87,13 +87,7 @@ def q3_kernel(x, nmax, L_out, scale_out):
     npend = 0
     for g0 in range(0, G + T, T):
         if g0 < G:
-            m = min(T, G - g0)
-            for b in range(m):
-                for i in range(n):
-                    xt[i, b] = x[g0 + b, i]
-            for b in range(m, T):
-                for i in range(n):
-                    xt[i, b] = f32(0.0)
+            m = load_tile(x, g0, xt)
             for b in range(T):
                 amax[b] = f32(0.0)
                 mxv[b] = f32(0.0)
