@@ -27,7 +27,7 @@ from .inputs import dequantized
 from .plan import QPlan, plan_quantize
 from .report import ErrorReport
 from .run import QStats, execute
-from .targets import Target, names as target_names, parse_target
+from .targets import names as target_names, parse_target
 
 __all__ = ["quantize", "QuantizeResult", "parse_target", "target_names", "plan_quantize"]
 

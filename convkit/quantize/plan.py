@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from gguf.constants import GGUFValueType
 
 from .. import archs, dtypes
