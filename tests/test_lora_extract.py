@@ -178,3 +178,28 @@ def test_svd_option_and_usage(sdxl, tmp_path):  # noqa: F811
     base_m, base_file, _, _ = sdxl
     with pytest.raises(UsageError):
         extract_lora(base_file, base_file, tmp_path / "x.safetensors", rank=4, svd="exact")
+
+
+def test_extract_with_changed_text_encoders(sdxl, tmp_path):  # noqa: F811
+    """Both text encoders fine-tuned too: every CLIP / OpenCLIP module is extracted once (the
+    module table reaches CLIP units under two spellings) and the merge reproduces TUNED."""
+    base_m, base_file, _, _ = sdxl
+    tuned, changed = perturb(base_m, seed=12)
+    g = torch.Generator().manual_seed(13)
+    te_changed = 0
+    with torch.no_grad():
+        for comp in ("text_encoder", "text_encoder_2"):
+            for name, mod in tuned.components[comp].named_modules():
+                if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                    mod.weight += torch.randn(mod.weight.shape, generator=g) * 0.01
+                    te_changed += 1
+    tuned_file = tiny.save_single_file(tuned, tmp_path / "tuned.safetensors")
+    lora = tmp_path / "lora.safetensors"
+    r = extract_lora(tuned_file, base_file, lora, rank=4096, conv_rank=4096, dtype="fp32")
+    assert r.modules == len(changed) + te_changed and r.total_error < 1e-5
+    merge_lora(base_file, [lora], tmp_path / "re.safetensors")
+    want, got = st.load_file(tuned_file), st.load_file(tmp_path / "re.safetensors")
+    for k in want:
+        if want[k].is_floating_point():
+            rel = (got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)
+            assert rel < 1e-5, k

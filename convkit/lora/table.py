@@ -129,14 +129,18 @@ class ModuleTable:
             yield from self.comp(c).units.items()
 
     def diffusers_units(self, component: str | None = None) -> list[Unit]:
-        return [u for (c, _), u in self._units_of(component)
-                if u.space == "diffusers" and u.name == _canon_d(self.kinds[c], u.parts[0])]
+        return self._unique(component, "diffusers")
 
     def single_units(self, component: str | None = None) -> list[Unit]:
+        return self._unique(component, "single")
+
+    def _unique(self, component: str | None, space: str) -> list[Unit]:
+        """Each unit once: the table reaches some under several names (CLIP with and without
+        its ``text_model.`` wrapper)."""
         seen = set()
         out = []
         for _, u in self._units_of(component):
-            if u.space == "single" and id(u) not in seen:
+            if u.space == space and id(u) not in seen:
                 seen.add(id(u))
                 out.append(u)
         return out
