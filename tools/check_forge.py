@@ -9,11 +9,19 @@ lllyasviel/huggingface_guess next to `backend/`).  Runs the body of `backend.loa
 `--always-cpu`; it stops before the diffusion-engine object, whose text-processing import needs
 the web UI's `modules.shared`.  Prints what Forge prints (Missing / Unexpected keys) and compares
 the loaded UNet weights with the source (nf4 weights dequantized with bitsandbytes on CPU).
+
+`--unet-only`: load only the diffusion-model component (`guess.unet_target`: `unet` for SD,
+`transformer` for Flux).  For a transformer-only Flux file (like the released BFL
+flux1-dev.safetensors) Forge needs the VAE / text encoders from separate files chosen in the UI
+(`additional_state_dicts`); their loaders would only assert "You do not have VAE state dict!".
+The source may carry the `model.diffusion_model.` prefix (full SD checkpoint) or not (BFL Flux
+transformer file); that is detected from its keys.
 """
 import io, json, os, sys, contextlib, argparse
 
 ap = argparse.ArgumentParser()
 ap.add_argument("forge"); ap.add_argument("ckpt"); ap.add_argument("--source", required=True)
+ap.add_argument("--unet-only", action="store_true", help="load only guess.unet_target (Flux transformer-only files)")
 a = ap.parse_args()
 sys.argv = [sys.argv[0], "--always-cpu"]
 sys.path.insert(0, os.path.abspath(a.forge))
@@ -38,10 +46,13 @@ try:
         comps = {}
         for name, v in config.items():
             if isinstance(v, list) and len(v) == 2:
+                if a.unet_only and name != guess.unet_target:
+                    continue
                 comps[name] = loader.load_huggingface_component(guess, name, v[0], v[1], local_path, state_dicts.get(name))
     res.update(ok=True, guess=type(guess).__name__, repo=guess.huggingface_repo,
                components={k: type(v).__name__ for k, v in comps.items() if v is not None})
-    unet = comps["unet"]
+    res["state_dict_sizes"] = {k: len(v) for k, v in state_dicts.items()}
+    unet = comps[guess.unet_target]
     res["unet_storage_dtype"] = str(unet.storage_dtype)
     # compare with the source (diffusers names -> LDM names via huggingface_guess' map is not needed:
     # Forge's IntegratedUNet2DConditionModel uses the LDM layout)
@@ -49,9 +60,10 @@ try:
     worst, n, kinds = (0.0, None), 0, {}
     with safe_open(a.source, "pt") as f:
         keys = set(f.keys())
+        prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
         for mname, mod in unet.named_modules():
             for pname, p in list(mod.named_parameters(recurse=False)):
-                sk = "model.diffusion_model." + (f"{mname}.{pname}" if mname else pname)
+                sk = prefix + (f"{mname}.{pname}" if mname else pname)
                 if sk not in keys:
                     continue
                 ref = f.get_tensor(sk).float()
@@ -64,11 +76,13 @@ try:
                 if pname == "weight" and sw is not None:
                     got = got * sw.float()
                 kinds[type(p).__name__ + ":" + str(p.dtype)] = kinds.get(type(p).__name__ + ":" + str(p.dtype), 0) + 1
-                rel = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
+                # norms in float64: float32 accumulation over 66M values moves the 4th digit
+                rel = (torch.linalg.vector_norm(got - ref, dtype=torch.float64) / torch.linalg.vector_norm(ref, dtype=torch.float64)).item()
                 n += 1
                 if rel > worst[0]:
                     worst = (rel, sk)
-    res["weights"] = {"compared": n, "max_rel_rmse": worst[0], "worst": worst[1], "param_kinds": kinds}
+    n_src = sum(1 for k in keys if k.startswith(prefix))
+    res["weights"] = {"compared": n, "source_dm_tensors": n_src, "max_rel_rmse": worst[0], "worst": worst[1], "param_kinds": kinds}
 except Exception as e:
     import traceback
     res.update(ok=False, error=f"{type(e).__name__}: {e}"[:1500], tb=traceback.format_exc()[-2500:])

@@ -13,6 +13,12 @@ The outputs are expected as written by the commands in docs/loaders.md
 <stem>-fp16.safetensors, <stem>-nf4.safetensors, <stem>-Q8_0.gguf, <stem>-Q4_K_S.gguf,
 <stem>-sdcpp-Q8_0.gguf).  Each check runs in its own subprocess (one model load at a time);
 the loaders are NOT patched: what they log as missing / unexpected / left-over keys is reported.
+
+`--unet-only` (diffusion-model-only files, e.g. a BFL FLUX.1 transformer file without prefix):
+the source is a diffusion-model file; the checks are ComfyUI `load_diffusion_model` (UNETLoader)
+for <stem>-fp8-e4m3fn / -fp8-scaled-sw / -fp8-scaled-cq / -fp16 .safetensors and ComfyUI-GGUF
+`UnetLoaderGGUF` for <stem>-Q8_0 / -Q4_K_S / -sdcpp-Q8_0 .gguf, for the files that exist.  The
+source's key prefix (`model.diffusion_model.` or none) is taken from its keys.
 """
 from __future__ import annotations
 
@@ -114,7 +120,7 @@ def _dequant(w, dq=None):
     return w.detach().float()
 
 
-def compare_unet(model_patcher, source: str, dq=None, prefix="model.diffusion_model."):
+def compare_unet(model_patcher, source: str, dq=None, prefix=None):
     """Every tensor of the loaded diffusion model (dequantized the loader's way) vs the source."""
     import torch
     from safetensors import safe_open
@@ -123,13 +129,17 @@ def compare_unet(model_patcher, source: str, dq=None, prefix="model.diffusion_mo
     n = 0
     kinds: dict[str, int] = {}
     mism = []
+    not_in_source = []
     with safe_open(source, "pt") as f:
         src_keys = set(f.keys())
+        if prefix is None:
+            prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in src_keys) else ""
         for mname, mod in dm.named_modules():
             for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
                 key = f"{mname}.{pname}" if mname else pname
                 sk = prefix + key
                 if sk not in src_keys:
+                    not_in_source.append(key)
                     continue
                 ref = f.get_tensor(sk).float()
                 got = _dequant(p, dq)
@@ -139,7 +149,8 @@ def compare_unet(model_patcher, source: str, dq=None, prefix="model.diffusion_mo
                 if tuple(got.shape) != tuple(ref.shape):
                     mism.append(f"{key}: loaded {tuple(got.shape)} vs source {tuple(ref.shape)}")
                     continue
-                rel = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)).item()
+                # norms in float64: float32 accumulation over 66M values (Flux linear1) moves the 4th digit
+                rel = (torch.linalg.vector_norm(got - ref, dtype=torch.float64) / torch.linalg.vector_norm(ref, dtype=torch.float64).clamp_min(1e-30)).item()
                 n += 1
                 kinds[type(p).__name__ + ":" + str(getattr(p, "tensor_type", p.dtype)).replace("GGMLQuantizationType.", "")] = \
                     kinds.get(type(p).__name__ + ":" + str(getattr(p, "tensor_type", p.dtype)).replace("GGMLQuantizationType.", ""), 0) + 1
@@ -147,12 +158,13 @@ def compare_unet(model_patcher, source: str, dq=None, prefix="model.diffusion_mo
                     worst = (rel, key)
         n_src = sum(1 for k in src_keys if k.startswith(prefix))
     return {"compared": n, "source_unet_tensors": n_src, "max_rel_rmse": worst[0], "worst": worst[1],
-            "shape_mismatch": mism[:10], "param_kinds": kinds}
+            "shape_mismatch": mism[:10], "param_kinds": kinds, "loaded_not_in_source": not_in_source[:20]}
 
 
 def model_info(mp):
     m = mp.model
-    q = next((mod for n, mod in m.diffusion_model.named_modules() if n.endswith("attn1.to_q")), None)
+    q = next((mod for n, mod in m.diffusion_model.named_modules()
+              if n.endswith("attn1.to_q") or n.endswith("double_blocks.0.img_attn.qkv")), None)
     return {"model_config": type(m.model_config).__name__, "model_class": type(m).__name__,
             "unet_dtype": str(m.get_dtype()) if hasattr(m, "get_dtype") else None,
             "manual_cast": str(getattr(m, "manual_cast_dtype", None)),
@@ -254,6 +266,10 @@ CHECKS = {"comfy_ckpt": check_comfy_ckpt, "comfy_unet": check_comfy_unet,
 
 def plan(a):
     o = lambda s: os.path.join(a.out_dir, f"{a.stem}-{s}")  # noqa: E731
+    if a.unet_only:
+        p = [("comfy_unet", o(s + ".safetensors")) for s in ("fp16", "fp8-e4m3fn", "fp8-scaled-sw", "fp8-scaled-cq")]
+        p += [("gguf_unet", o(s + ".gguf")) for s in ("Q8_0", "Q4_K_S", "sdcpp-Q8_0")]
+        return [(k, f) for k, f in p if os.path.exists(f)]
     p = [("comfy_ckpt", a.source), ("comfy_ckpt", o("fp16.safetensors"))]
     for s in ("fp8-e4m3fn", "fp8-scaled-sw", "fp8-scaled-cq"):
         p += [("comfy_ckpt", o(s + ".safetensors")), ("comfy_unet", o(s + ".safetensors"))]
@@ -276,6 +292,8 @@ def main(argv=None):
     ap.add_argument("--forward", action="store_true", help="also run one UNet forward per model")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--only", help="regex: run only checks whose 'kind file' matches")
+    ap.add_argument("--unet-only", action="store_true",
+                    help="source and outputs are diffusion-model-only files (e.g. a Flux transformer)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--path", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
