@@ -27,6 +27,17 @@ def perturb(m, seed, scale=0.01):
     return t, changed
 
 
+def _assert_merge_reproduces(base_file, lora, tuned_file, out, tol=1e-5):
+    """merge(BASE, LORA) equals TUNED within ``tol`` relative, tensor by tensor."""
+    merge_lora(base_file, [lora], out)
+    want, got = st.load_file(tuned_file), st.load_file(out)
+    assert want.keys() == got.keys()
+    for k in want:
+        if want[k].is_floating_point():
+            rel = (got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)
+            assert rel < tol, k
+
+
 def test_lightning_end_to_end(sdxl, tmp_path):  # noqa: F811
     """tuned 'lightning' SDXL vs its base -> full-rank LoRA -> merged into a 'custom' SDXL."""
     base_m, base_file, _, _ = sdxl
@@ -39,12 +50,7 @@ def test_lightning_end_to_end(sdxl, tmp_path):  # noqa: F811
     assert r.modules == len(changed) and r.total_error < 1e-5
     assert r.skipped > 0            # the text encoders did not change
     # the extracted LoRA reproduces TUNED from BASE
-    merge_lora(base_file, [lora], tmp_path / "re.safetensors")
-    tuned, re = st.load_file(light_file), st.load_file(tmp_path / "re.safetensors")
-    for k in tuned:
-        if tuned[k].is_floating_point():
-            rel = (re[k] - tuned[k]).norm() / tuned[k].norm().clamp_min(1e-12)
-            assert rel < 1e-5, k
+    _assert_merge_reproduces(base_file, lora, light_file, tmp_path / "re.safetensors")
     # ... and carries the same delta into another model
     m = merge_lora(custom_file, [lora], tmp_path / "custom_4step.safetensors")
     assert m.loras[0].unmatched == [] and m.loras[0].modules == len(changed)
@@ -197,9 +203,4 @@ def test_extract_with_changed_text_encoders(sdxl, tmp_path):  # noqa: F811
     lora = tmp_path / "lora.safetensors"
     r = extract_lora(tuned_file, base_file, lora, rank=4096, conv_rank=4096, dtype="fp32")
     assert r.modules == len(changed) + te_changed and r.total_error < 1e-5
-    merge_lora(base_file, [lora], tmp_path / "re.safetensors")
-    want, got = st.load_file(tuned_file), st.load_file(tmp_path / "re.safetensors")
-    for k in want:
-        if want[k].is_floating_point():
-            rel = (got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)
-            assert rel < 1e-5, k
+    _assert_merge_reproduces(base_file, lora, tuned_file, tmp_path / "re.safetensors")

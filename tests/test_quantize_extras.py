@@ -28,10 +28,7 @@ from convkit.quantize import quantize
 from convkit.quantize.extras_gguf import rename, rename_table
 from convkit.sources import open_source
 
-# relative RMSE bounds per GGML type on the tiny models' randn*0.02 weights (as test_quantize_gguf)
-BOUND = {"F32": 0.0, "F16": 1e-3, "BF16": 5e-3, "Q8_0": 0.01, "Q6_K": 0.03, "Q5_K": 0.05,
-         "Q5_1": 0.05, "Q5_0": 0.06, "Q4_K": 0.1, "Q4_1": 0.1, "Q4_0": 0.12, "Q3_K": 0.2,
-         "Q2_K": 0.4}
+from tests.test_quantize_gguf import BOUND, _field, _rel  # per-type error bounds, GGUF helpers
 
 T5_PREFIX = "text_encoders.t5xxl.transformer."
 
@@ -150,19 +147,6 @@ def checkpoint(arch: str) -> Path:
 @functools.lru_cache(maxsize=None)
 def source(arch: str) -> dict[str, torch.Tensor]:
     return st.load_file(checkpoint(arch))
-
-
-def _field(r: gguf.GGUFReader, key: str):
-    f = r.get_field(key)
-    if f is None:
-        return None
-    if f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode()
-    return f.parts[f.data[0]].tolist()[0]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
 
 
 def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, tuple[str, torch.Tensor]]]:
