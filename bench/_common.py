@@ -78,10 +78,13 @@ def run_measured(code: str, *args: str) -> dict:
         "     'cpu_user': tm.user, 'cpu_sys': tm.system}\n"
         "print('RESULT ' + json.dumps(r))\n"
     )
-    p = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, check=False)
     if p.returncode != 0:
-        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"],
-                "returncode": p.returncode}
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        # "error": the last line (what the scripts print); "stderr_tail": the traceback
+        return {"error": lines[-1:] or ["failed"], "returncode": p.returncode,
+                "stderr_tail": lines[-40:]}
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
     return json.loads(line[7:])
 

@@ -6,11 +6,10 @@ full-size checkpoints and on tiny test models of the same structure alike.
 from __future__ import annotations
 
 import functools
-import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 
+from .data import list_files, load_toml
 from .errors import UnknownArchitectureError, UnknownNameError
 from .sources.base import TensorSource
 
@@ -60,8 +59,7 @@ class Arch:
         return next(c.name for c in self.components.values() if c.kind == "diffusion_model")
 
 
-def _parse(text: str, filename: str) -> Arch:
-    d = tomllib.loads(text)
+def _parse(d: dict, filename: str) -> Arch:
     comps = {n: Component(n, c["kind"], tuple(c.get("aliases", [])), c.get("params"),
                           c.get("keymap", ""), tuple(c.get("buffers", [])))
              for n, c in d["components"].items()}
@@ -74,11 +72,13 @@ def _parse(text: str, filename: str) -> Arch:
 
 @functools.cache
 def load_all() -> dict[str, Arch]:
-    """Every architecture data file shipped in formats/ (package ``convkit.formats``)."""
+    """Every architecture data file in formats/ (``formats/<arch>.toml``; other top-level
+    TOML files, e.g. storage.toml, have no ``components`` table and are not architectures)."""
     out = {}
-    for entry in sorted(resources.files("convkit.formats").iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".toml"):
-            arch = _parse(entry.read_text(encoding="utf-8"), entry.name)
+    for rel in list_files():
+        d = load_toml(rel)
+        if "components" in d:
+            arch = _parse(d, rel)
             out[arch.name] = arch
     return out
 

@@ -77,21 +77,38 @@ def _cast(name: str, t: torch.Tensor, target: str, ctx: CastContext) -> torch.Te
     return out
 
 
-@register("cast", "fp16", "F16", "float16")
-def to_fp16(name: str, t: torch.Tensor, ctx: CastContext) -> torch.Tensor:
-    return _cast(name, t, "F16", ctx)
+@dataclass(frozen=True)
+class Cast:
+    """A float cast, registered as kind ``cast``: ``cast(name, tensor, ctx)`` casts one tensor
+    (non-floats pass through); ``cast.dtype`` is the safetensors dtype it produces."""
+
+    name: str
+    dtype: str
+
+    def __call__(self, name: str, t: torch.Tensor, ctx: CastContext) -> torch.Tensor:
+        return _cast(name, t, self.dtype, ctx)
+
+    def target(self, src_dtype: str) -> str:
+        return target_dtype(src_dtype, self.dtype)
 
 
-@register("cast", "bf16", "BF16", "bfloat16")
-def to_bf16(name: str, t: torch.Tensor, ctx: CastContext) -> torch.Tensor:
-    return _cast(name, t, "BF16", ctx)
+FP16 = register("cast", "fp16", "F16", "float16", "half",
+                help="IEEE half: what most checkpoints ship in")(Cast("fp16", "F16"))
+BF16 = register("cast", "bf16", "BF16", "bfloat16",
+                help="bfloat16: fp32's range, fewer mantissa bits (Flux ships in it)")(
+    Cast("bf16", "BF16"))
+FP32 = register("cast", "fp32", "F32", "float32",
+                help="single precision: lossless from every float input")(Cast("fp32", "F32"))
 
 
-@register("cast", "fp32", "F32", "float32")
-def to_fp32(name: str, t: torch.Tensor, ctx: CastContext) -> torch.Tensor:
-    return _cast(name, t, "F32", ctx)
+def cast_dtype(name: str) -> str:
+    """'fp16' -> 'F16' (any registered spelling); unknown names fail with a suggestion."""
+    from . import registry
+
+    return registry.get("cast", name).dtype
 
 
+#: user name -> safetensors dtype (every registered spelling)
 CAST_TARGET = {"fp16": "F16", "bf16": "BF16", "fp32": "F32",
-               "F16": "F16", "BF16": "BF16", "F32": "F32", "float16": "F16",
+               "F16": "F16", "BF16": "BF16", "F32": "F32", "float16": "F16", "half": "F16",
                "bfloat16": "BF16", "float32": "F32"}

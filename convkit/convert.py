@@ -1,5 +1,10 @@
 """``convkit convert``: change float precision (fp32/fp16/bf16), streaming, any layout.
 
+Any input encoding is read through the logical-weights view, so a quantized input (fp8 plain
+or scaled, NF4/FP4, GGUF, quanto/torchao folders) is dequantized on the way (the plan says so
+per tensor, and a note says it for the file) and the output holds none of its scales, quant
+states or storage metadata.
+
 Library API: :func:`plan_convert` builds the plan, :func:`convert` checks, plans and runs it.
 """
 from __future__ import annotations
@@ -10,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import archs, registry
-from .casts import CAST_TARGET, CastContext, cast_into, target_dtype
+from .casts import CastContext
+from .engine import Item, Out, OutFile, OutFolder, Plan, RunStats, Src, execute
+from .engine.ops import Cast
 from .errors import UsageError
-from .plan import Plan, PlanItem, RunStats, execute, provenance
 from .progress import Progress
-from .sources import TensorSource, open_source
+from .provenance import output_metadata
+from .sources import open_source
+from .sources.view import WeightsView
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth", ".msgpack", ".onnx", ".gguf")
@@ -32,13 +40,14 @@ class ConvertResult:
              "in_bytes": self.plan.in_bytes, "out_bytes": self.plan.out_bytes,
              "architecture": self.detection.arch.name if self.detection else None,
              "layout": self.detection.layout.name if self.detection else None,
+             "dequantized": sum(1 for i in self.plan.items if i.storage),
              "overflows": self.overflows, "notes": self.plan.notes, "dry_run": self.stats is None}
         if self.stats:
             d["seconds"] = round(self.stats.seconds, 3)
         return d
 
 
-def select_keys(src: TensorSource, det: archs.Detection | None, components: str | None
+def select_keys(src, det: archs.Detection | None, components: str | None
                 ) -> tuple[list[str], list[str], list[str]]:
     """(keys to keep, selected component names, notes)."""
     notes: list[str] = []
@@ -64,43 +73,57 @@ def select_keys(src: TensorSource, det: archs.Detection | None, components: str 
     return keep, chosen, notes
 
 
-def plan_convert(src: TensorSource, out: Path, dtype: str, det: archs.Detection | None,
-                 components: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Plan:
-    target = CAST_TARGET.get(dtype)
-    registry.get("cast", dtype)  # unknown names fail here, with a suggestion
+def dequant_note(src: WeightsView, target: str) -> str | None:
+    what = src.describe_encoding()
+    if what is None:
+        return None
+    return f"input is quantized ({what}): dequantized to {target}; its scales and quant states " \
+           "are not copied"
+
+
+def plan_convert(src: WeightsView, out: Path, dtype: str, det: archs.Detection | None,
+                 components: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 ctx: CastContext | None = None) -> Plan:
+    cast = registry.get("cast", dtype)     # unknown names fail here, with a suggestion
     keep, chosen, notes = select_keys(src, det, components)
-    step = {"op": "convert", "dtype": dtype}
+    step = {"op": "convert", "dtype": cast.name}
     if components:
         step["components"] = chosen
+    op = Cast(ctx or CastContext(path=str(src.path)))
+    plan = Plan("convert", [src], notes=notes)
+    note = dequant_note(src, cast.name)
+    if note:
+        plan.notes.insert(0, note)
     items = []
     for k in keep:
         info = src.info(k)
-        tdt = target_dtype(info.dtype, target)
-        items.append(PlanItem(k, k, info.shape, info.dtype, tdt,
-                              det.component_of(k) if det else None, "", info.nbytes,
-                              "cast" if tdt != info.dtype else "copy"))
+        items.append(Item(op, (Src(0, k),), [Out(k, cast.target(info.dtype), info.shape)],
+                          info.shape, info.dtype, info.storage, info.nbytes,
+                          det.component_of(k) if det else None))
+    meta = output_metadata(src, step)
     if src.format != "diffusers":
-        plan = Plan(src, out, items, notes=notes)
-        plan.metadata[""] = {**src.metadata, **provenance(src, step, src.metadata)}
+        plan.add_file(OutFile("", out, metadata=meta))
+        plan.items = items
         return plan
-    return _folder_plan(src, out, items, chosen, step, notes, max_shard_bytes)
+    return _folder_plan(plan, src, out, items, chosen, meta, max_shard_bytes)
 
 
-def _folder_plan(src, out: Path, items: list[PlanItem], chosen: list[str], step: dict,
-                 notes: list[str], max_shard_bytes: int) -> Plan:
+def _folder_plan(plan: Plan, src, out: Path, items: list[Item], chosen: list[str], meta: dict,
+                 max_shard_bytes: int) -> Plan:
     """diffusers folder -> diffusers folder: same component files, sharded when large."""
-    plan = Plan(src, out, [], folder=True, notes=notes)
-    meta = {"format": "pt", **provenance(src, step, src.metadata)}
-    by_comp: dict[str, list[PlanItem]] = {}
+    raw = src.raw
+    folder = plan.folders.setdefault("", OutFolder("", out))
+    meta = {"format": "pt", **meta}
+    by_comp: dict[str, list[Item]] = {}
     for it in items:
-        comp, _, inner = it.key.partition("/") if "/" in it.key and src.model_index else ("", "", it.key)
-        it.out_key = inner
+        key = it.outs[0].key
+        comp, _, inner = key.partition("/") if "/" in key and raw.model_index else ("", "", key)
+        it.outs[0].key = inner
         by_comp.setdefault(comp, []).append(it)
     for comp, its in by_comp.items():
-        stem = src.components[comp][0].name.split(".")[0]
-        folder = f"{comp}/" if comp else ""
-        total = sum(i.out_bytes for i in its)
-        shards: list[list[PlanItem]] = [[]]
+        stem = raw.components[comp][0].name.split(".")[0]
+        sub = f"{comp}/" if comp else ""
+        shards: list[list[Item]] = [[]]
         size = 0
         for it in its:
             if shards[-1] and size + it.out_bytes > max_shard_bytes:
@@ -112,30 +135,41 @@ def _folder_plan(src, out: Path, items: list[PlanItem], chosen: list[str], step:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"{stem}.safetensors" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+            fid = sub + name
+            plan.add_file(OutFile(fid, out / fid, metadata=dict(meta), folder=""))
             for it in shard:
-                it.out_file = folder + name
-                weight_map[it.out_key] = name
-            plan.metadata[folder + name] = dict(meta)
+                it.outs[0].file = fid
+                weight_map[it.outs[0].key] = name
         if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            plan.extra_files[f"{folder}{stem}.safetensors.index.json"] = (
+            index = {"metadata": {"total_size": sum(i.out_bytes for i in its)},
+                     "weight_map": weight_map}
+            folder.extra_files[f"{sub}{stem}.safetensors.index.json"] = (
                 json.dumps(index, indent=2) + "\n").encode()
         plan.items.extend(its)
-    plan.copies = _non_weight_files(src, set(by_comp))
-    if src.model_index and set(chosen) and set(by_comp) != set(src.components):
-        mi = dict(src.model_index)
-        for comp in src.components:
+    for rel in _non_weight_files(raw, set(by_comp)):
+        folder.copies[rel] = raw.path / rel
+    # a quantized component's config.json describes its quantization: the float copy must not
+    for comp, cfg in getattr(raw, "configs", {}).items():
+        if comp in by_comp and cfg.get("quantization_config"):
+            rel = f"{comp}/config.json" if comp else "config.json"
+            clean = {k: v for k, v in cfg.items() if k != "quantization_config"}
+            folder.copies.pop(rel, None)
+            folder.extra_files[rel] = (json.dumps(clean, indent=2, sort_keys=True) + "\n").encode()
+            plan.notes.append(f"{rel}: quantization_config removed (the weights are floats now)")
+    if raw.model_index and set(chosen) and set(by_comp) != set(raw.components):
+        mi = dict(raw.model_index)
+        for comp in raw.components:
             if comp not in by_comp:
                 mi[comp] = [None, None]
-                notes.append(f"component '{comp}' left out (model_index.json marks it absent)")
-        plan.copies = [c for c in plan.copies if c != "model_index.json"]
-        plan.extra_files["model_index.json"] = (json.dumps(mi, indent=2) + "\n").encode()
+                plan.notes.append(f"component '{comp}' left out (model_index.json marks it absent)")
+        folder.copies.pop("model_index.json", None)
+        folder.extra_files["model_index.json"] = (json.dumps(mi, indent=2) + "\n").encode()
     return plan
 
 
-def _non_weight_files(src, kept: set[str]) -> list[str]:
-    root: Path = src.path
-    dropped = set(src.components) - kept
+def _non_weight_files(raw, kept: set[str]) -> list[str]:
+    root: Path = raw.path
+    dropped = set(raw.components) - kept
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -144,6 +178,8 @@ def _non_weight_files(src, kept: set[str]) -> list[str]:
             continue
         for fn in filenames:
             if fn.startswith(".") or fn.endswith(WEIGHT_SUFFIXES) or fn.endswith(".index.json"):
+                continue
+            if not (Path(dirpath) / fn).is_file():
                 continue
             out.append(str(rel_dir / fn) if rel_dir.parts else fn)
     return sorted(out)
@@ -156,17 +192,15 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, dtype: str = "f
             ) -> ConvertResult:
     """Convert ``input`` to ``dtype``, writing ``output`` (a file, or a folder for diffusers)."""
     ctx = CastContext(on_overflow=on_overflow, path=str(input))
-    cast = registry.get("cast", dtype)
+    registry.get("cast", dtype)
     with open_source(input, variant=variant) as src:
         det = archs.detect(src) if detect else None
-        plan = plan_convert(src, Path(output), dtype, det, components, max_shard_bytes)
+        plan = plan_convert(src, Path(output), dtype, det, components, max_shard_bytes, ctx)
         plan.check(overwrite)
         result = ConvertResult(plan, det)
         if dry_run:
             return result
-        result.stats = execute(plan, lambda it, t: cast(it.key, t, ctx), overwrite=overwrite,
-                               progress=progress,
-                               chunk_fn=lambda it, start, a, b: cast_into(it.key, a, b, ctx))
+        result.stats = execute(plan, overwrite=overwrite, progress=progress)
         result.overflows = dict(ctx.overflows)
         if ctx.overflows:
             n = sum(ctx.overflows.values())

@@ -153,7 +153,7 @@ def _lightning_demo(model, out: Path, say, step) -> Path:
             u = torch.randn(w.shape[0], 4, generator=g) * 0.05
             v = torch.randn(4, w.shape[1], generator=g) * 0.05
             changed[k] = w + u @ v
-    st.save_file({k: changed.get(k, v).contiguous() for k, v in sd.items()}, str(tuned))
+    tiny.save_state_dict({k: changed.get(k, v).contiguous() for k, v in sd.items()}, tuned)
     lora = out / "lightning-lora.safetensors"
     ex = extract_lora(tuned, base, lora, rank=8, dtype="fp32", overwrite=True)
     say(f"extract-lora tuned - base, rank 8: {ex.modules} modules, "
@@ -191,3 +191,43 @@ def _quantize_demo(merged: Path, arch: str, out: Path, say, step) -> None:
             f"relative RMSE {rel:.4f}" if rel is not None else f"quantize {target}: {dst.name}")
         step("quantize", target=target, output=str(dst), rel_rmse=rel,
              bytes=dst.stat().st_size)
+        _readback_demo(merged, dst, summary, out, say, step)
+
+
+def _readback_demo(merged: Path, quantized: Path, summary: dict, out: Path, say, step) -> None:
+    """A quantized output is an input again: converted back to fp16 through the logical-weights
+    view, it holds the dequantized values (none of the scales / quant states / GGUF records)
+    and is within the error its own report states."""
+    from .sources import open_raw
+
+    back = out / f"{quantized.stem}-to-fp16.safetensors"
+    convert(quantized, back, "fp16", overwrite=True)
+    with open_source(quantized) as q, open_source(back) as b, open_source(merged) as m:
+        if set(b.keys()) != set(q.keys()):
+            raise DemoCheckFailed("key set differs from the quantized file's logical keys",
+                                  path=back)
+        worst = 0.0
+        for k in b.keys():
+            got, want = b.load(k), q.load(k)
+            if got.dtype != (torch.float16 if want.is_floating_point() else want.dtype) or \
+                    not torch.equal(got, want.to(got.dtype)):
+                raise DemoCheckFailed("differs from the dequantized value cast to fp16",
+                                      path=back, key=k)
+            src_k = k if k in m else "model.diffusion_model." + k
+            if want.is_floating_point() and src_k in m and want.numel() > 1:
+                ref = m.load(src_k).float()
+                n = float(ref.pow(2).mean().sqrt()) or 1.0
+                worst = max(worst, float((want - ref).pow(2).mean().sqrt()) / n)
+    bound = summary.get("max_rel_rmse") or 0.0
+    if worst > bound * 1.001 + 1e-12:
+        raise DemoCheckFailed(f"read back with error {worst:.4g}, above the {bound:.4g} its "
+                              "report states", path=back)
+    with open_raw(back) as r:
+        kinds = sorted({r.info(k).dtype for k in r.keys()})
+        stale = [k for k in r.metadata if k.startswith(("convkit.quant", "comfy.gguf."))]
+    if stale:
+        raise DemoCheckFailed(f"storage metadata carried into a float file: {stale[:3]}",
+                              path=back)
+    say(f"  read back {quantized.name} -> {back.name}: dequantized ({', '.join(kinds)}), no "
+        f"auxiliary tensors; worst error {worst:.4f} <= {bound:.4f} stated")
+    step("readback", source=str(quantized), output=str(back), worst_rel_rmse=worst)

@@ -1,4 +1,10 @@
-"""``convkit inspect``: what a checkpoint is and holds, from headers (plus an optional value scan)."""
+"""``convkit inspect``: what a checkpoint is and holds, from headers (plus an optional value scan).
+
+Two views of every input: its logical weights (what the model is: architecture, components,
+parameters, logical dtypes - the view every command reads) and how they are stored (fp8 with
+scales, NF4, GGUF block types, quanto/torchao, auxiliary tensors). A LoRA file is described as
+a LoRA (format, target architecture, modules per component, ranks and alphas, coverage).
+"""
 from __future__ import annotations
 
 import os
@@ -13,31 +19,39 @@ from .progress import Progress
 from .sources import open_source
 
 MAX_LISTED = 20
+_INTS = ("I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64")
 
 
 def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None = None,
             progress: Progress | None = None) -> dict:
-    """A JSON-able description: architecture, layout, components, dtypes, bytes, oddities."""
+    """A JSON-able description: architecture, layout, components, dtypes, storage, oddities."""
     progress = progress or Progress(enabled=False)
-    from .quantize.inputs import dequantized
-
-    with open_source(path, variant=variant) as raw:
-        # quantized files (NF4, scaled fp8, GGUF) are described by their logical weights
-        src, quant_note = dequantized(raw)
+    with open_source(path, variant=variant) as src:
+        raw = src.raw
         report: dict = {"path": str(Path(path)), "format": src.format,
-                        "file_bytes": sum(f.stat().st_size for f in raw.files()),
-                        "tensors": len(src), "tensor_bytes": src.total_bytes,
+                        "file_bytes": sum(f.stat().st_size for f in src.files()),
+                        "tensors": len(src), "stored_tensors": len(raw),
+                        "tensor_bytes": src.total_bytes,
                         "params": sum(i.numel for i in src.infos()),
                         "metadata": dict(src.metadata), "odd": []}
-        if quant_note:
-            report["quantization"] = quant_note.split(":")[0].replace("input is ", "")
+        enc = src.describe_encoding()
+        if enc:
+            report["quantization"] = enc
+        report["storage"] = dict(src.encodings())
+        report["aux_tensors"] = len(raw) - len(src)
         odd = report["odd"]
         try:
             det = archs.detect(src)
         except UnknownArchitectureError as e:
             det = None
             report.update(architecture=None, layout=None)
-            odd.append(e.detail)
+            from .lora.summary import summarize
+
+            lora = summarize(path) if src.format != "diffusers" else None
+            if lora is not None:
+                report["lora"] = lora
+            else:
+                odd.append(e.detail)
         groups: dict[str, list[str]] = det.component_keys if det else {"(all)": src.keys()}
         if det:
             report.update(architecture=det.arch.name, architecture_title=det.arch.title,
@@ -53,18 +67,20 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
         comps = {}
         for comp, keys in groups.items():
             infos = [src.info(k) for k in keys]
-            kinds = Counter(i.stored_as for i in infos)
+            logical = Counter(i.dtype for i in infos)
+            stored = Counter(i.stored_as for i in infos)
             spec = det.arch.components.get(comp) if det else None
             params = sum(i.numel for i in infos if not (spec and spec.is_buffer(i.name)))
             entry = {"tensors": len(infos), "params": params,
-                     "bytes": sum(i.nbytes for i in infos), "dtypes": dict(kinds)}
+                     "bytes": sum(i.nbytes for i in infos), "dtypes": dict(logical),
+                     "stored": dict(stored)}
             if spec is not None:
                 expected = spec.params
                 entry["full_size_params"] = expected
                 entry["full_size"] = expected == params if expected else None
-            float_kinds = {k for k in kinds if k not in ("I64", "I32", "I16", "I8", "U8", "BOOL")}
-            if len(float_kinds) > 1 and not quant_note:  # mixed is normal when quantized
-                odd.append(f"{comp}: mixed dtypes {', '.join(f'{k}×{n}' for k, n in kinds.items())}")
+            float_kinds = {k for k in stored if k not in _INTS}
+            if len(float_kinds) > 1 and not enc:  # mixed is normal when quantized
+                odd.append(f"{comp}: mixed dtypes {', '.join(f'{k}×{n}' for k, n in stored.items())}")
             comps[comp] = entry
         report["components"] = comps
         if scan:
@@ -75,7 +91,7 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
 
 
 def _scan(src, progress: Progress) -> dict:
-    """Load every tensor once and count NaN/Inf (one tensor in memory at a time)."""
+    """Load every logical tensor once (decoded) and count NaN/Inf."""
     bad = {}
     with progress.bar(total=src.total_bytes, desc="scan") as bar:
         for info in src.infos():
@@ -92,24 +108,32 @@ def _scan(src, progress: Progress) -> dict:
 
 def format_report(r: dict) -> str:
     lines = [f"{r['path']}  ({r['format']}, {r['file_bytes']:,d} bytes)"]
+    if r.get("lora"):
+        from .lora.summary import format_summary
+
+        lines += format_summary(r["lora"])
+        return "\n".join(lines + [f"odd: {o}" for o in r["odd"]])
     if r.get("architecture"):
         lines.append(f"architecture: {r['architecture']} — {r.get('architecture_title', '')}")
         lines.append(f"layout:       {r['layout']} — {r.get('layout_title', '')}")
     else:
         lines.append("architecture: not recognised")
-    lines.append(f"tensors:      {r['tensors']:,d}   params: {r['params']:,d}   "
-                 f"tensor bytes: {r['tensor_bytes']:,d}")
-    lines.append("components:")
+    lines.append(f"tensors:      {r['tensors']:,d} logical   params: {r['params']:,d}   "
+                 f"stored bytes: {r['tensor_bytes']:,d}")
+    if r.get("quantization"):
+        lines.append(f"stored as:    {r['quantization']}; {r['aux_tensors']:,d} auxiliary "
+                     f"tensors (scales, quant states) in {r['stored_tensors']:,d} stored")
+    lines.append("components:   (logical dtypes; how stored, when different)")
     for name, c in r["components"].items():
         dts = ", ".join(f"{k}×{n}" for k, n in c["dtypes"].items())
+        if c["stored"] != c["dtypes"]:
+            dts += "  stored " + ", ".join(f"{k}×{n}" for k, n in c["stored"].items())
         full = ""
         if c.get("full_size_params"):
             full = ("  (full size)" if c["full_size"] else
                     f"  (released model has {c['full_size_params']:,d})")
         lines.append(f"  {name:<16} {c['tensors']:>6,d} tensors {c['params']:>15,d} params "
                      f"{c['bytes']:>16,d} B  {dts}{full}")
-    if r.get("quantization"):
-        lines.append(f"quantized:    {r['quantization']}")
     if r.get("missing_components"):
         lines.append(f"absent:       {', '.join(r['missing_components'])}")
     if r["metadata"]:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import threading
 import uuid
@@ -127,6 +128,49 @@ def temp_path_for(out: Path) -> Path:
     return out.parent / f".{out.name}.convkit-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
+_TEMP = re.compile(r"^\..+\.convkit-(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's process: alive
+        return True
+    return True
+
+
+def cleanup_stale(folder: Path) -> list[Path]:
+    """Remove temp files/folders that convkit runs killed hard (``kill -9``, power loss) left in
+    ``folder``: only names of convkit's temp pattern whose process is gone. Returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TEMP.match(e.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        p = Path(e.path)
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def create_temp(path: Path) -> int:
+    """Create ``path`` exclusively (O_EXCL) with the mode a plain ``open()`` gives under the
+    user's umask (0666 & ~umask); returns the fd."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+
 def _os_error(e: OSError, path: Path) -> OutputError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskSpaceError("disk full while writing; nothing was kept", path=path,
@@ -222,6 +266,7 @@ class SafetensorsWriter:
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> "SafetensorsWriter":
         try:
+            cleanup_stale(self.tmp.parent)
             self._f = open(self.tmp, "xb")
             self._f.write(self._header)
             if self._threaded:
@@ -410,6 +455,19 @@ class SafetensorsWriter:
         self._f = None
 
 
+def discard_fd(fd: int | None, tmp: Path) -> None:
+    """Close ``fd`` (if open) and remove the temp file ``tmp``; never raises."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+
+
 def discard(f, tmp: Path) -> None:
     """Close ``f`` (if open) and remove the temp file ``tmp``; never raises."""
     if f is not None:
@@ -436,6 +494,7 @@ class FolderStage:
 
     def __enter__(self) -> Path:
         try:
+            cleanup_stale(self.tmp.parent)
             self.tmp.mkdir()
         except OSError as e:
             raise _os_error(e, self.out) from None

@@ -46,7 +46,8 @@ def test_lora_is_named_as_such(tmp_path):
     st.save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight":
                   torch.zeros(4, 8)}, p)
     code, out = run("inspect", p)
-    assert code == 0 and "looks like a LoRA" in out
+    # described as a LoRA (format, architecture, modules), not as an unknown checkpoint
+    assert code == 0 and "LoRA:" in out and "kohya" in out and "not recognised" not in out
 
 
 def test_truncated_input_cli(sdxl_like, tmp_path):
@@ -98,16 +99,18 @@ def test_disk_full_mid_write(sdxl_like, tmp_path, monkeypatch):
     import errno
 
     path, _ = sdxl_like
-    real = writer.SafetensorsWriter._write_bytes
+    from convkit.engine import sinks
+
+    real = sinks.PositionalFile._pwrite
     calls = {"n": 0}
 
-    def failing(self, data):
+    def failing(self, mv, pos):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, data)
+        return real(self, mv, pos)
 
-    monkeypatch.setattr(writer.SafetensorsWriter, "_write_bytes", failing)
+    monkeypatch.setattr(sinks.PositionalFile, "_pwrite", failing)
     before = _snapshot(tmp_path)
     with pytest.raises(errors.DiskSpaceError, match="disk full"):
         convert(path, tmp_path / "o.safetensors", "fp16")

@@ -258,12 +258,12 @@ def test_gguf_source_reads_and_dequantizes(tmp_path):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_chunked_streaming_equals_whole_tensor_cast(sdxl_files, tmp_path, monkeypatch, dtype):
     """Tiny chunks (many per tensor, odd sizes) give exactly a direct whole-tensor cast."""
-    from convkit import chunked
+    from convkit.engine import executor as engine
 
     single, _ = sdxl_files
     half = tmp_path / "half.safetensors"
     convert(single, half, "fp16")
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 1000)
     for src in (single, half):
         out = tmp_path / f"{src.stem}-{dtype}.safetensors"
         convert(src, out, dtype)
@@ -275,7 +275,7 @@ def test_chunked_streaming_equals_whole_tensor_cast(sdxl_files, tmp_path, monkey
 
 
 def test_chunked_overflow_counts_add_up(tmp_path, monkeypatch, sdxl_like):
-    from convkit import chunked
+    from convkit.engine import executor as engine
 
     path, sd = sdxl_like
     k = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
@@ -284,7 +284,7 @@ def test_chunked_overflow_counts_add_up(tmp_path, monkeypatch, sdxl_like):
     big[k][0, 0] = float("inf")
     p = tmp_path / "big.safetensors"
     st.save_file(big, p)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 40)  # 10 floats per chunk, 7 chunks
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 40)  # 10 floats per chunk, 7 chunks
     r = convert(p, tmp_path / "o.safetensors", "fp16")
     assert r.overflows == {k: 63}
     got = st.load_file(tmp_path / "o.safetensors")[k].float()

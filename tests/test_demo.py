@@ -36,7 +36,7 @@ def test_inspect_describes_quantized_outputs_by_logical_weights(tmp_path):
     ref = inspect(tmp_path / "custom-lightning.safetensors")
     for name, scheme in (("custom-lightning-nf4.safetensors", "bitsandbytes 4-bit"),
                          ("custom-lightning-fp8.safetensors", None),
-                         ("custom-lightning-Q8_0.gguf", "GGUF (Q8_0)")):
+                         ("custom-lightning-Q8_0.gguf", "GGUF (Q8_0")):
         r = inspect(tmp_path / name)
         assert r["architecture"] == "sd15"
         assert r["components"]["unet"]["params"] == ref["components"]["unet"]["params"], name

@@ -173,7 +173,10 @@ def test_lowrank_svd_within_bound_of_full(sdxl, tmp_path, monkeypatch):  # noqa:
                 # the reported error (from singular values where safe) is the true one
                 assert abs(S.residual(a.clone(), up, down, float(a.norm()), True) - e[svd]) \
                     <= 1e-3 * e[svd]
-            assert e["full"] <= e["lowrank"] <= 1.02 * e["full"], (shape, decay, r)
+            # the full SVD is the optimum (to float rounding: on a flat spectrum the two agree to
+            # ~1e-6, and thread counts change the last digits)
+            assert e["full"] <= e["lowrank"] * (1 + 1e-5) and e["lowrank"] <= 1.02 * e["full"], \
+                (shape, decay, r)
 
 
 def test_svd_option_and_usage(sdxl, tmp_path):  # noqa: F811

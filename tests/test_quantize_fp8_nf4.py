@@ -238,42 +238,22 @@ def test_thread_count_does_not_change_the_file(tmp_path, target, monkeypatch):
     assert files[0] == files[1]
 
 
-def test_buffer_pool_reuses_and_grows():
-    from convkit.quantize.stream import BufferPool
-
-    pool = BufferPool(2)
-    a = pool.acquire(10)
-    b = pool.acquire(3 << 20)
-    assert a.numel() >= 10 and b.numel() >= 3 << 20
-    pool.release(a)
-    pool.release(b)
-    c = pool.acquire(5)                 # the smallest that fits
-    assert c is a
-    d = pool.acquire(5 << 20)           # none fits, pool full: the larger free one is replaced
-    assert d.numel() >= 5 << 20 and d is not b
-    pool.release(c)
-    pool.release(d)
-    for size in (1, 7 << 20, 2 << 20, 1, 3 << 20):  # never more than 2 buffers alive
-        x = pool.acquire(size)
-        pool.release(x)
-    pool.close()
-    with pytest.raises(RuntimeError):
-        pool.acquire(1)
-
-
-@pytest.mark.parametrize("target", ["fp8-e4m3fn", "nf4", "gguf:Q8_0"])
-def test_one_buffer_pools_give_the_same_file(tmp_path, target, monkeypatch):
-    """With a single read-ahead and a single output buffer every tensor waits for the writer
-    thread to hand its buffer back: no deadlock, same bytes."""
-    from convkit.quantize import run
+@pytest.mark.parametrize("target", ["fp8-e4m3fn", "nf4", "gguf:Q8_0", "gguf:Q4_K_M"])
+def test_chunking_and_workers_do_not_change_the_file(tmp_path, target, monkeypatch):
+    """The engine cuts tensors into chunk tasks run by several workers in any order: tiny
+    chunks (many per tensor) and one worker or four give the same bytes, report included."""
+    from convkit.engine import executor
 
     src = checkpoint("sdxl")
     ext = "gguf" if target.startswith("gguf") else "safetensors"
     quantize(src, tmp_path / f"a.{ext}", target)
-    monkeypatch.setattr(run, "IN_BUFFERS", 1)
-    monkeypatch.setattr(run, "OUT_BUFFERS", 1)
+    monkeypatch.setattr(executor, "CHUNK_BYTES", 4096)
+    monkeypatch.setenv("CONVKIT_THREADS", "4")
     quantize(src, tmp_path / f"b.{ext}", target)
-    assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()
+    monkeypatch.setenv("CONVKIT_THREADS", "1")
+    quantize(src, tmp_path / f"c.{ext}", target)
+    a = (tmp_path / f"a.{ext}").read_bytes()
+    assert a == (tmp_path / f"b.{ext}").read_bytes() == (tmp_path / f"c.{ext}").read_bytes()
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

@@ -15,7 +15,7 @@ import torch
 from convkit import tiny
 from convkit.errors import UsageError
 from convkit.quantize import quantize
-from convkit.quantize.gguf_out import GGUFStreamWriter
+from convkit.quantize.gguf_out import gguf_header
 from convkit.quantize.rules import GGUFTyper, TypeRule, rules_for
 from convkit.sources import open_source
 
@@ -193,7 +193,7 @@ def test_mix_rules():
 
 def test_name_limit(tmp_path):
     with pytest.raises(UsageError, match="127"):
-        GGUFStreamWriter(tmp_path / "x.gguf", [], [("a" * 128, "F32", (4,))])
+        gguf_header([], [("a" * 128, "F32", (4,))])
 
 
 def test_gguf_matches_kernels_bytes(tmp_path):

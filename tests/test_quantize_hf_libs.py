@@ -332,13 +332,16 @@ def test_cli_json_and_dry_run(tmp_path):
 
 
 def test_already_quantized_inputs(tmp_path):
-    """A GGUF input is dequantized first (torch_dtype bf16, said so); a diffusers folder that
-    is already quantized is refused before anything else."""
+    """Already-quantized inputs - a GGUF file, a quanto folder - are read through the
+    logical-weights view: dequantized first (torch_dtype bf16, said so), then quantized again."""
     fsingle, _ = flux_files()
     quantize(fsingle, tmp_path / "a.gguf", "gguf:Q8_0")
     res = quantize(tmp_path / "a.gguf", tmp_path / "q", "quanto:int8")
     assert res.plan.dtype == "BF16" and any("dequantized" in n for n in res.plan.notes)
     m = _reload(tmp_path / "q", torch.bfloat16)
     assert _quantized_linears(m, "quanto:int8") == _linear_count(m) > 30
-    with pytest.raises(UsageError, match=r"already quantized \(quanto"):
-        quantize(tmp_path / "q", tmp_path / "r", "torchao:int8wo")
+    res = quantize(tmp_path / "q", tmp_path / "r", "torchao:int8wo")
+    assert res.plan.dtype == "BF16" and any("quanto" in n and "dequantized" in n
+                                            for n in res.plan.notes)
+    m = _reload(tmp_path / "r", torch.bfloat16)
+    assert _quantized_linears(m, "torchao:int8wo") == _linear_count(m) > 30

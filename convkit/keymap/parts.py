@@ -80,7 +80,7 @@ class ComponentMap:
 
     def __init__(self, kind: str, config=None, *, names: Iterable[str] | None = None,
                  side: str = "d", sd: Mapping | None = None):
-        from . import get_map
+        from .maps import get_map
 
         self.kind = kind
         self._km: KeyMap = get_map(kind, config, names=names, side=side, sd=sd)
@@ -111,7 +111,7 @@ def parts(kind: str, single_name: str, config=None, *, total: int | None = None
     >>> parts("openclip", "transformer.resblocks.0.attn.in_proj_weight", "sdxl")[1]
     Part(name='text_model.encoder.layers.0.self_attn.k_proj.weight', dim=0, start=1280, stop=2560)
     """
-    from . import KeyMapError
+    from .maps import KeyMapError
 
     sp = ComponentMap(kind, config).split(single_name, total)
     if sp is None:

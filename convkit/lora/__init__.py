@@ -1,6 +1,6 @@
 """LoRA tooling: merge into a checkpoint, extract from a fine-tune, convert between formats.
 
-Library API (the CLI in :mod:`convkit.lora.cli` is a thin layer over these)::
+Library API (the CLI in :mod:`convkit.cli.lora_cmds` is a thin layer over these)::
 
     from convkit.lora import merge_lora, extract_lora, convert_lora, read_lora
     merge_lora("base.safetensors", ["lightning.safetensors:1.0"], "out.safetensors", dtype="fp16")

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import torch
 
-from .. import archs, dtypes, registry
-from ..casts import CAST_TARGET, CastContext
+from .. import archs, registry
+from ..casts import CastContext
 from ..convert import plan_convert
 from ..errors import ConvkitError, UsageError, raise_all
-from ..plan import Plan, RunStats, execute, provenance
+from ..engine import Plan, RunStats, execute
+from ..provenance import output_metadata, safe_name
 from ..progress import Progress
 from ..sources import open_source
 from . import adapters as A
 from .formats import Adapter, LoraFile, check_shape, match, read_lora, validate
 from .lowrank import LowRank, add_lowrank_
-from .rows import RowMerger
+from .rows import MergeOp
 from .table import ModuleTable, Unit, table_for_source
 
 SANE_WEIGHT = 2.0
@@ -95,7 +96,7 @@ class MergeResult:
     def to_dict(self) -> dict:
         d = {"output": str(self.plan.out), "architecture": self.detection.arch.name,
              "layout": self.detection.layout.name, "tensors": len(self.plan.items),
-             "merged_tensors": sum(1 for i in self.plan.items if i.action == "merge"),
+             "merged_tensors": sum(1 for i in self.plan.items if i.action.startswith("merge")),
              "loras": [r.to_dict() for r in self.loras], "notes": self.notes,
              "dry_run": self.stats is None}
         if self.stats:
@@ -279,11 +280,14 @@ def merge_lora(base: str | os.PathLike, loras, output: str | os.PathLike, *,
                dry_run: bool = False, on_overflow: str = "clamp", variant: str | None = None,
                progress: Progress | None = None) -> MergeResult:
     """Merge ``loras`` (paths, ``"path:weight"`` strings, (path, weight) or LoraSpec) into
-    ``base``; write ``output`` (a file for a single file, a folder for a diffusers folder)."""
+    ``base``; write ``output`` (a file for a single file, a folder for a diffusers folder).
+
+    The base is read through the logical-weights view: a quantized base (fp8, scaled fp8,
+    NF4, GGUF, ...) is dequantized first when ``dtype`` is given (and refused without it)."""
     specs = [LoraSpec.parse(x) for x in loras]
     if not specs:
         raise UsageError("give at least one LoRA")
-    if dtype is not None and dtype not in CAST_TARGET:
+    if dtype is not None:
         registry.get("cast", dtype)  # raises with a suggestion
     files: list[tuple[LoraSpec, LoraFile]] = []
     try:
@@ -294,43 +298,29 @@ def merge_lora(base: str | os.PathLike, loras, output: str | os.PathLike, *,
             for s in specs:
                 files.append((s, read_lora(s.path)))
             patches, reports = collect_patches(table, files, allow_unmatched)
-            plan = plan_convert(src, Path(output), dtype or "fp32", det)
+            ctx = CastContext(on_overflow=on_overflow, path=str(base))
+            plan = plan_convert(src, Path(output), dtype or "fp32", det, ctx=ctx)
+            plan.command = "merge-lora"
+            op = MergeOp(table, patches, ctx, src, apply_patch)
             for it in plan.items:
                 if dtype is None:
-                    it.dtype = it.src_dtype
-                it.action = "merge" if it.key in patches else (
-                    "cast" if it.dtype != it.src_dtype else "copy")
-            step = {"op": "merge-lora", "loras": [{"file": s.path.name, "weight": s.weight}
+                    it.outs[0].dtype = it.src_dtype
+                it.op = op
+            step = {"op": "merge-lora", "loras": [{"file": safe_name(s.path), "weight": s.weight}
                                                   for s in specs]}
             if dtype:
-                step["dtype"] = dtype
-            for f in plan.metadata:
-                keep = dict(src.metadata) if not plan.folder else {"format": "pt"}
-                plan.metadata[f] = {**keep, **provenance(src, step, src.metadata)}
+                step["dtype"] = registry.get("cast", dtype).name
+            meta = output_metadata(src, step)
+            for f in plan.files.values():
+                f.metadata = {"format": "pt", **meta} if plan.folder else dict(meta)
             plan.check(overwrite)
             result = MergeResult(plan, det, reports)
             for r in reports:
                 result.notes += [f"{Path(r.path).name}: {n}" for n in r.notes]
+            result.notes += plan.notes
             if dry_run:
                 return result
-            ctx = CastContext(on_overflow=on_overflow, path=str(base))
-
-            def transform(item, t: torch.Tensor) -> torch.Tensor:
-                ps = patches.get(item.key)
-                if ps:
-                    t = t.float() if t.dtype != torch.float32 else t
-                    for p in ps:
-                        apply_patch(table, p, item.key, t, src)
-                if dtypes.from_torch(t.dtype) == item.dtype:
-                    return t
-                return registry.get("cast", item.dtype)(item.key, t, ctx)
-
-            rows = RowMerger(table, patches, ctx)
-            # one worker per core, each doing read -> deltas -> cast -> write for its chunks
-            # (convkit.chunked.stream_items_parallel): the matmuls are half the CPU work here
-            result.stats = execute(plan, transform, overwrite=overwrite, progress=progress,
-                                   chunk_fn=rows, elems_of=rows.elems_of, force=rows.force,
-                                   prepare=rows.prepare, parallel=True)
+            result.stats = execute(plan, overwrite=overwrite, progress=progress)
             if ctx.overflows:
                 result.notes.append(f"{sum(ctx.overflows.values())} values beyond the "
                                     f"{dtype} range were {on_overflow}ed")

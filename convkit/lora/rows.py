@@ -2,10 +2,11 @@
 
 A plain LoRA delta ``up @ down`` decomposes by output rows: rows ``a:b`` of ΔW are
 ``up[a:b] @ down``. So a base tensor whose patches are all plain LoRAs (no DoRA, no Tucker core,
-no transpose) is streamed like a dtype cast (:mod:`convkit.chunked`): whole rows are read into
-reusable buffers, the deltas are added in place in fp32 (:mod:`convkit.lora.lowrank`), the chunk is cast into a
-reusable output buffer and written, while the next chunk is being read. No per-tensor
-allocation, the matmuls overlap the I/O. Every other patch (LoHa, LoKr, DoRA, full diffs,
+no transpose) is streamed like a dtype cast by the engine (:mod:`convkit.engine`): whole rows are
+read into a worker's reusable buffer (decoded from any input encoding), the deltas are added in
+place in fp32 (:mod:`convkit.lora.lowrank`), the chunk is cast into a reusable output buffer and
+written at its place. No per-tensor allocation; the matmuls of one worker overlap the I/O of the
+others. Every other patch (LoHa, LoKr, DoRA, full diffs,
 biases, transposed or swapped tensors) makes its tensor a whole-tensor item
 (:func:`convkit.lora.merge.apply_patch`).
 
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import dtypes
 from ..casts import CastContext, cast_into
+from ..engine.ops import Op, as_bytes
 from .lowrank import LowRank, add_lowrank_
 from .table import ModuleTable
 
@@ -59,21 +62,22 @@ def row_ops(table: ModuleTable, key: str, shape: tuple[int, ...], patches) -> li
     return ops
 
 
-class RowMerger:
-    """``elems_of`` / ``force`` / ``prepare`` / ``chunk_fn`` for :func:`convkit.plan.execute`.
+class MergeOp(Op):
+    """The merge as an engine op. A base tensor no LoRA touches is cast (or copied); a patched
+    one whose patches all decompose by rows is done in chunks of whole rows (deltas added in
+    fp32 into the worker's scratch, then cast); any other patched tensor is done whole
+    (:func:`convkit.lora.merge.apply_patch`). Per element the arithmetic is the same on both
+    paths. Chunks of one tensor may run on several workers at once and in any order; the LoRA
+    factors of a tensor are loaded once and dropped when the tensor is finished."""
 
-    Stateless per chunk (the chunk's first element says which rows it holds), so chunks may be
-    merged by several threads at once and in any order; the LoRA factors of a tensor are
-    loaded once and dropped when its last chunk is done.
-    """
+    name = "merge"
 
-    def __init__(self, table: ModuleTable, patches: dict, ctx: CastContext):
-        self.table, self.patches, self.ctx = table, patches, ctx
+    def __init__(self, table: ModuleTable, patches: dict, ctx: CastContext, src, apply_whole):
+        self.table, self.patches, self.ctx, self.src = table, patches, ctx, src
+        self.apply_whole = apply_whole          # merge.apply_patch (no import cycle)
         self.ops: dict[str, list[RowOp] | None] = {}
         self._lock = threading.Lock()
         self._factors: dict[str, dict[int, tuple]] = {}   # tensor -> patch id -> factors
-        self._left: dict[str, int] = {}                   # tensor -> elements not merged yet
-        self._local = threading.local()                   # per-thread fp32 scratch
 
     def _ops(self, it) -> list[RowOp] | None:
         if it.key not in self.ops:
@@ -82,20 +86,20 @@ class RowMerger:
                 self.ops.setdefault(it.key, ops)
         return self.ops[it.key]
 
-    def elems_of(self, it, elems: int) -> int:
-        """Elements per chunk: any for untouched tensors, whole rows for patched ones, 0 (whole
-        tensor) when a patch does not decompose by rows."""
+    def granule(self, it) -> int:
         if it.key not in self.patches:
-            return elems
-        row = math.prod(it.shape[1:]) if len(it.shape) > 1 else 1
-        if self._ops(it) is None or row > elems:
+            return 1
+        if self._ops(it) is None:
             return 0
-        # equal chunks, no small tail: BLAS picks other kernels (other rounding) for a few rows
-        n = -(-it.shape[0] // (elems // row))
-        return -(-it.shape[0] // n) * row
+        return math.prod(it.shape[1:]) if len(it.shape) > 1 else 1
 
-    def force(self, it) -> bool:
-        return it.key in self.patches
+    def describe(self, it) -> str:
+        if it.key in self.patches:
+            return f"merge ({len(self.patches[it.key])} patch"\
+                   f"{'es' if len(self.patches[it.key]) > 1 else ''})"
+        if it.src_dtype == it.dtype:
+            return "decode" if it.storage else "copy"
+        return "decode+cast" if it.storage else "cast"
 
     def _load(self, key: str, op: RowOp) -> tuple:
         p = op.patch
@@ -107,19 +111,11 @@ class RowMerger:
                 got = cache[id(p)] = (lr, p.ad.scale(p.lf.source), p.strength)
         return got
 
-    def _finished(self, it, count: int) -> None:
+    def finish(self, it) -> None:
         with self._lock:
-            left = self._left.get(it.key, math.prod(it.shape)) - count
-            if left > 0:
-                self._left[it.key] = left
-            else:
-                self._left.pop(it.key, None)
-                self._factors.pop(it.key, None)
+            self._factors.pop(it.key, None)
 
-    def _in_prepare(self, it) -> bool:
-        return it.key in self.patches and it.src_dtype == "F32"
-
-    def _apply(self, it, w2: torch.Tensor, r0: int) -> None:
+    def _apply_rows(self, it, w2: torch.Tensor, r0: int) -> None:
         n = w2.shape[0]
         for op in self._ops(it):
             a, b = max(op.lo, r0), min(op.hi, r0 + n)
@@ -133,31 +129,29 @@ class RowMerger:
             else:
                 tgt += strength * ((lr.up[rows] @ lr.down) * scale)
 
-    def prepare(self, it, start: int, count: int, raw: torch.Tensor) -> None:
-        """Right after an fp32 chunk is read (into our own buffer): add the deltas in place.
-        The sequential engine calls this on its reader thread, so it overlaps the casts."""
-        if not self._in_prepare(it):
-            return
-        row = math.prod(it.shape[1:])
-        self._apply(it, raw.view(torch.float32).view(count // row, row), start // row)
-        self._finished(it, count)
+    def _out(self, it, worker, w: torch.Tensor) -> torch.Tensor:
+        o = it.outs[0]
+        tdt = dtypes.to_torch(o.dtype)
+        if w.dtype == tdt or not w.is_floating_point():
+            return as_bytes(w)
+        out = worker.tensor("out0", o.dtype, w.numel())
+        cast_into(it.key, w.reshape(-1), out, self.ctx)
+        return out.view(torch.uint8)
 
-    def __call__(self, it, start: int, src: torch.Tensor, out: torch.Tensor) -> None:
-        if it.key not in self.patches or self._in_prepare(it):  # deltas already added
-            if out.dtype == src.dtype:
-                out.copy_(src)
-            else:
-                cast_into(it.key, src, out, self.ctx)
-            return
+    def run(self, it, worker, start, count, xs):
+        o = it.outs[0]
+        x = xs[0]
+        off = start * dtypes.itemsize(o.dtype) if count is not None else 0
+        ps = self.patches.get(it.key)
+        if not ps:
+            return [(o, off, self._out(it, worker, x))]
+        if count is None:           # whole tensor (the worker's own buffer: changed in place)
+            t = x.float() if x.dtype != torch.float32 else x
+            for p in ps:
+                self.apply_whole(self.table, p, it.key, t, self.src)
+            return [(o, 0, self._out(it, worker, t))]
         row = math.prod(it.shape[1:])
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.numel() < src.numel():
-            scratch = self._local.scratch = torch.empty(src.numel(), dtype=torch.float32)
-        w = scratch[: src.numel()]
-        w.copy_(src)
-        self._apply(it, w.view(src.numel() // row, row), start // row)
-        self._finished(it, src.numel())
-        if out.dtype == torch.float32:
-            out.copy_(w)
-        else:
-            cast_into(it.key, w, out, self.ctx)
+        w = worker.tensor("merge", "F32", x.numel())
+        w.copy_(x.reshape(-1))
+        self._apply_rows(it, w.view(-1, row), start // row)
+        return [(o, off, self._out(it, worker, w))]

@@ -14,53 +14,65 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from .. import archs, dtypes
+from ..engine import execute
 from ..errors import UsageError
 from ..progress import Progress
 from ..sources import open_source
-from ..writer import check_output
-from ..errors import raise_all
-from .inputs import dequantized
-from .plan import QPlan, plan_quantize
-from .report import ErrorReport
-from .run import QStats, execute
-from .targets import names as target_names, parse_target
+from .plan import LAYOUTS, SCALED_FORMATS, QuantizePlan
+from .result import QuantizeResult
+from .rules import rules_for
+from .targets import Request, names as target_names, parse_target
 
 __all__ = ["quantize", "QuantizeResult", "parse_target", "target_names", "plan_quantize"]
 
 
+def _logical_input(raw_view, notes: list[str]):
+    """The input with single-file names (a diffusers folder is mapped, fused tensors assembled
+    on load), and its detection."""
+    src = raw_view
+    if raw_view.format == "diffusers":
+        from .diffusers_in import SingleFileView
 
-@dataclass
-class QuantizeResult:
-    plan: QPlan
-    stats: QStats | None = None
-    report: ErrorReport | None = None
-    extras: list[str] | None = None
-    extras_reports: dict | None = None      # {path: ErrorReport} of GGUF extras
+        src = SingleFileView(raw_view, archs.detect(raw_view))
+        notes.append("input is a diffusers folder: its tensors are mapped to single-file "
+                     "names (fused tensors assembled on load)")
+    what = raw_view.describe_encoding()
+    if what:
+        notes.append(f"input is already quantized ({what}): dequantized to float32 first, so "
+                     "this quantization adds to the error already in it")
+    return src, archs.detect(src)
 
-    def to_dict(self) -> dict:
-        d = {"output": str(self.plan.out), "target": self.plan.target.name,
-             "format": self.plan.fmt, "architecture": self.plan.detection.arch.name,
-             "tensors": len(self.plan.items), "types": self.plan.counts(),
-             "in_bytes": self.plan.in_bytes, "out_bytes": self.plan.out_bytes,
-             "fallbacks": [{"name": i.name, "wanted": i.wanted, "used": i.qtype}
-                           for i in self.plan.fallbacks],
-             "notes": self.plan.notes, "dry_run": self.stats is None}
-        if self.stats:
-            d.update({"seconds": round(self.stats.seconds, 3),
-                      "bytes_written": self.stats.bytes_written,
-                      "verified_tensors": self.stats.verified,
-                      "verify_seconds": round(self.stats.verify_seconds, 3)})
-        if self.report:
-            d["error"] = self.report.summary(10)
-        if self.extras:
-            d["extras"] = self.extras
-        if self.extras_reports:
-            d["extras_error"] = {p: r.summary(3) for p, r in self.extras_reports.items()}
-        return d
+
+def plan_quantize(src, out: Path, target, det, *, layout: str = "comfy", type_rules=(),
+                  scaled_format: str = "scale_weight", double_quant: bool = False,
+                  rest_dtype: str | None = None) -> QuantizePlan:
+    """The plan of quantizing ``src`` (logical weights, single-file names) to ``target``."""
+    if isinstance(target, str):
+        target = parse_target(target)
+    rules = rules_for(det.arch.name)
+    comp = det.arch.diffusion_component
+    if not det.component_keys.get(comp):
+        raise UsageError(f"no diffusion model ({comp}) in this input; it has: "
+                         f"{', '.join(det.component_keys) or 'nothing known'}", path=src.path)
+    if det.layout.naming == "diffusers":
+        raise UsageError("quantize needs single-file names (SGM/LDM or BFL); this input uses "
+                         "diffusers names", path=src.path,
+                         hint="write a single file first, or use the original checkpoint")
+    if layout not in LAYOUTS:
+        from ..errors import UnknownNameError
+        raise UnknownNameError("GGUF layout", layout, LAYOUTS)
+    if layout != "comfy" and target.kind != "gguf":
+        raise UsageError("--layout applies to GGUF targets only")
+    if type_rules and target.kind != "gguf":
+        raise UsageError("--type-rule applies to GGUF targets only")
+    if scaled_format not in SCALED_FORMATS:
+        from ..errors import UnknownNameError
+        raise UnknownNameError("scaled fp8 format", scaled_format, SCALED_FORMATS)
+    return target.plan(Request(src, Path(out), det, rules, layout, tuple(type_rules),
+                               scaled_format, double_quant, rest_dtype))
 
 
 def quantize(input: str | os.PathLike, output: str | os.PathLike, target: str, *,
@@ -92,46 +104,33 @@ def quantize(input: str | os.PathLike, output: str | os.PathLike, target: str, *
         raise UsageError("--extras-type applies to --extras-format gguf only")
     out = Path(output)
     with open_source(input, variant=variant) as raw:
-        notes = []
-        base = raw
-        if raw.format == "diffusers":
-            from .diffusers_in import SingleFileView
-
-            base = SingleFileView(raw, archs.detect(raw))
-            notes.append("input is a diffusers folder: its tensors are mapped to single-file "
-                         "names (fused tensors assembled on load)")
-        src, note = dequantized(base)
-        det = archs.detect(src)
+        notes: list[str] = []
+        src, det = _logical_input(raw, notes)
         plan = plan_quantize(src, out, tgt, det, layout=layout, type_rules=list(type_rules),
                              scaled_format=scaled_format, double_quant=double_quant,
                              rest_dtype=rest)
-        if note:
-            notes.append(note)
         plan.notes[:0] = notes
-        problems = check_output(out, raw.files() + [raw.path], overwrite, plan.out_bytes)
-        extras_plan = None
+        plan.verify = verify
         if extras_dir is not None:
-            from .extras import plan_extras
+            from .extras import add_extras
+
             if not dry_run:
                 Path(extras_dir).mkdir(parents=True, exist_ok=True)
-            extras_plan = plan_extras(src, det, Path(extras_dir), out, rest, fmt=xfmt,
-                                      layout=layout, qtype=xtype, skip=plan.bundled)
+            add_extras(plan, src, det, Path(extras_dir), out, rest, fmt=xfmt, layout=layout,
+                       qtype=xtype, skip=plan.bundled)
             if plan.bundled:
                 plan.notes.append(f"extras: {', '.join(plan.bundled)} not written to {extras_dir}:"
                                   f" already in {out.name}")
-            for p in extras_plan:
-                problems += check_output(p.out, raw.files() + [raw.path], overwrite, p.out_bytes)
-                plan.notes += p.notes
-        raise_all(problems)
+        plan.check(overwrite)
         result = QuantizeResult(plan)
         if dry_run:
             return result
-        result.stats, result.report = execute(plan, progress=progress, verify=verify)
-        if extras_plan:
-            from .extras import write_extras
-            result.extras_reports = {}
-            result.extras = write_extras(extras_plan, overwrite, progress, verify=verify,
-                                         reports=result.extras_reports)
+        result.stats = execute(plan, progress=progress, overwrite=overwrite)
+        result.report = plan.report
+        if plan.extras:
+            result.extras = [str(plan.files[f].path) for f in plan.extras]
+            result.extras_reports = {str(plan.files[f].path): plan.reports[f]
+                                     for f in plan.extras if f in plan.reports}
         if report_path is not None:
             d = result.to_dict()
             d["error"] = result.report.to_dict()

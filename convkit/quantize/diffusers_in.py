@@ -65,8 +65,11 @@ class SingleFileView(TensorSource):
                 t = shapes[s]
                 name = prefix + s
                 self._recipes[name] = r
-                self._infos[name] = TensorInfo(name, dtypes.from_torch(t.dtype), tuple(t.shape),
-                                               t.numel() * t.element_size())
+                src_infos = [inner.info(k) for k in r[2]] if r[0] == "map" else []
+                self._infos[name] = TensorInfo(
+                    name, dtypes.from_torch(t.dtype), tuple(t.shape),
+                    sum(i.nbytes for i in src_infos) or t.numel() * t.element_size(),
+                    storage=src_infos[0].storage if src_infos else "")
 
     def _assemble(self, recipe, meta_of=None) -> torch.Tensor:
         kind, *rest = recipe
@@ -81,6 +84,35 @@ class SingleFileView(TensorSource):
     def _load(self, name: str) -> torch.Tensor:
         t = self._assemble(self._recipes[name])
         return t.contiguous()
+
+    # ranges of a tensor that is one folder tensor under another name go straight through
+    def _simple(self, name: str) -> str | None:
+        r = self._recipes[name]
+        if r[0] == "map" and r[1] in (None, "conv1x1") and len(r[2]) == 1:
+            return r[2][0]
+        return None
+
+    def chunkable(self, name: str) -> bool:
+        k = self._simple(name)
+        return k is not None and self.inner.chunkable(k)
+
+    def granule(self, name: str) -> int:
+        k = self._simple(name)
+        return self.inner.granule(k) if k else 0
+
+    def is_direct(self, name: str) -> bool:
+        k = self._simple(name)
+        return k is not None and self.inner.is_direct(k)
+
+    def read_logical(self, name, start, count, out, scratch=None):
+        return self.inner.read_logical(self._simple(name), start, count, out, scratch)
+
+    def stored_span(self, name, start, count):
+        return self.inner.stored_span(self._simple(name), start, count)
+
+    @property
+    def supports_ranges(self) -> bool:
+        return self.inner.supports_ranges
 
     def files(self):
         return self.inner.files()

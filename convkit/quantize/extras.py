@@ -1,5 +1,5 @@
-"""``--extras DIR``: the components a GGUF file does not hold (text encoders, VAE), each written
-to its own file in DIR.
+"""``--extras DIR``: the components a GGUF file does not hold (text encoders, VAE), each as one
+more output file of the same plan, in DIR.
 
 ``--extras-format safetensors`` (default): safetensors with the component prefix removed (the
 names ComfyUI's CLIP / VAE loaders and stable-diffusion.cpp's --clip_l / --vae take), optionally
@@ -13,30 +13,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import registry
-from ..casts import CastContext
-from ..plan import Plan, PlanItem, execute, provenance
+from ..engine import Item, Out, OutFile, Src
+from ..provenance import output_metadata
+from .ops import RestOp
 
 
-def _plan_safetensors(src, det, comp: str, keys: list[str], out: Path,
-                      rest_dtype: str | None) -> Plan:
-    items = []
+def _add_safetensors(plan, src, det, comp: str, keys: list[str], out: Path,
+                     rest_dtype: str | None) -> None:
+    fid = f"extras:{comp}"
+    op = RestOp(plan.report, str(src.path))
     for k in keys:
         info = src.info(k)
         tdt = rest_dtype if (rest_dtype and info.dtype in ("F32", "F16", "BF16")) else info.dtype
-        items.append(PlanItem(k, det.strip(k), info.shape, info.dtype, tdt, comp, "",
-                              info.nbytes, "cast" if tdt != info.dtype else "copy"))
-    p = Plan(src, out, items)
-    p.metadata[""] = provenance(src, {"op": "extract", "component": comp})
-    return p
+        plan.items.append(Item(op, (Src(0, k),), [Out(det.strip(k), tdt, info.shape, fid)],
+                               info.shape, info.dtype, info.storage, info.nbytes, comp,
+                               qtype=tdt))
+    meta = output_metadata(src, {"op": "extract", "component": comp})
+    plan.add_file(OutFile(fid, out, "safetensors", meta))
+    plan.extras.append(fid)
 
 
-def plan_extras(src, det, folder: Path, out: Path, rest_dtype: str | None, *,
-                fmt: str = "safetensors", layout: str = "comfy",
-                qtype: str | None = None, skip=()) -> list:
-    """One plan per extra component: :class:`~convkit.plan.Plan` (safetensors) or
-    :class:`~convkit.quantize.plan.QPlan` (GGUF). Each plan's ``notes`` say what it is."""
-    plans = []
+def add_extras(plan, src, det, folder: Path, out: Path, rest_dtype: str | None, *,
+               fmt: str = "safetensors", layout: str = "comfy", qtype: str | None = None,
+               skip=()) -> None:
+    """Add one output file per extra component to ``plan``; notes say what each one is."""
     comp_main = det.arch.diffusion_component
     stem = out.name.split(".")[0]
     for comp, keys in det.component_keys.items():
@@ -48,43 +48,13 @@ def plan_extras(src, det, folder: Path, out: Path, rest_dtype: str | None, *,
             kind = det.arch.components[comp].keymap
             rule = rule_for(kind, layout).for_arch(det.arch.name)
             if rule.format == "gguf":
-                plans.append(plan_gguf_extra(src, det, comp, keys,
-                                             folder / f"{stem}.{comp}.gguf", rule, qtype))
+                plan_gguf_extra(plan, src, det, comp, keys, folder / f"{stem}.{comp}.gguf", rule,
+                                qtype)
                 continue
-            p = _plan_safetensors(src, det, comp, keys, folder / f"{stem}.{comp}.safetensors",
-                                  rest_dtype)
-            p.notes.append(f"extras: {comp} ({kind}) -> {p.out.name}: safetensors, not GGUF: "
-                           f"{rule.why}")
-            plans.append(p)
+            path = folder / f"{stem}.{comp}.safetensors"
+            _add_safetensors(plan, src, det, comp, keys, path, rest_dtype)
+            plan.notes.append(f"extras: {comp} ({kind}) -> {path.name}: safetensors, not GGUF: "
+                              f"{rule.why}")
             continue
-        plans.append(_plan_safetensors(src, det, comp, keys,
-                                       folder / f"{stem}.{comp}.safetensors", rest_dtype))
-    return plans
-
-
-def write_extras(plans: list, overwrite: bool, progress, verify: bool = True,
-                 reports: dict | None = None) -> list[str]:
-    """Write every plan (atomically); GGUF ones are reopened and verified like the main output.
-    ``reports`` (if given) receives {path: ErrorReport} of the GGUF files."""
-    from .plan import QPlan
-
-    written = []
-    for p in plans:
-        if isinstance(p, QPlan):
-            from .run import execute as execute_q
-
-            _, report = execute_q(p, progress=progress, verify=verify)
-            if reports is not None:
-                reports[str(p.out)] = report
-            written.append(str(p.out))
-            continue
-        ctx = CastContext(on_overflow="clamp")
-
-        def transform(it, t, ctx=ctx):
-            if it.dtype == it.src_dtype:
-                return t
-            return registry.get("cast", it.dtype)(it.key, t, ctx)
-
-        execute(p, transform, overwrite=overwrite, progress=progress)
-        written.append(str(p.out))
-    return written
+        _add_safetensors(plan, src, det, comp, keys, folder / f"{stem}.{comp}.safetensors",
+                         rest_dtype)

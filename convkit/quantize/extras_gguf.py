@@ -6,27 +6,21 @@ for ComfyUI-GGUF's CLIP loaders; CLIP-L, OpenCLIP-G and the VAE stay safetensors
 loader takes them as GGUF; the data says why). stable-diffusion.cpp layout: every component as
 GGUF with the names its ``--t5xxl`` / ``--clip_l`` / ``--clip_g`` / ``--vae`` loaders convert.
 
-A GGUF extra is an ordinary GGUF quantize plan (:class:`~convkit.quantize.plan.QPlan`): same
-type decisions (:class:`~convkit.quantize.rules.GGUFTyper`), same streaming writer, atomic
-rename, error report and reopen-and-verify (:func:`convkit.quantize.run.execute`).
+A GGUF extra is one more output file of the quantize plan: same type decisions
+(:class:`~convkit.quantize.rules.GGUFTyper`), same ops, engine and sink, its own error report,
+atomic rename and reopen-and-verify.
 """
 from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-from gguf.constants import GGUFValueType
-
 from ..errors import UnknownNameError, UsageError
+from .. import data
 from ..keymap._data import load_toml
-from ..plan import provenance
-from .plan import GGUF_QUANT_VERSION, QItem, QOut, QPlan
-from .rules import GGUF_PLAIN, ArchRules, GGUFTyper, TypeRule, gguf_file_type
-from .targets import Target
+from .rules import GGUF_PLAIN, ArchRules, GGUFTyper, TypeRule
 
 EXTRAS_FORMATS = ("safetensors", "gguf")
 AUTO = "auto"
@@ -59,8 +53,7 @@ class ExtraRule:
 
 @functools.cache
 def _data() -> dict:
-    return tomllib.loads((resources.files("convkit.formats") / "extras" / "gguf.toml")
-                         .read_text(encoding="utf-8"))
+    return data.load_toml("extras/gguf.toml")
 
 
 def rule_for(kind: str, layout: str) -> ExtraRule:
@@ -165,7 +158,7 @@ def _typer(rule: ExtraRule, qtype: str) -> GGUFTyper:
                      [TypeRule.parse(r) for r in rule.type_rules])
 
 
-def bundle_into(plan: QPlan, src, det) -> list[str]:
+def bundle_into(plan, src, det, blocks, floats) -> list[str]:
     """stable-diffusion.cpp layout for SD1/SDXL: add the text encoders and the VAE to the main
     file under their checkpoint names (what sd.cpp's own ``-M convert`` writes). sd.cpp tells
     SD1 / SD2 / SDXL apart by the text encoders found in the *model* file
@@ -173,7 +166,10 @@ def bundle_into(plan: QPlan, src, det) -> list[str]:
     UNet-only GGUF plus separate text-encoder files cannot load. Each component gets its
     --extras-format gguf default type and keep rules (formats/extras/gguf.toml, ``sdcpp``);
     buffers (position_ids, logit_scale) are left out. Returns the bundled components."""
+    from .gguf_plan import gguf_item
+
     bundled = []
+    order = {k: n for n, k in enumerate(src.keys())}
     for comp_name, keys in det.component_keys.items():
         if comp_name == det.arch.diffusion_component or not keys:
             continue
@@ -187,58 +183,57 @@ def bundle_into(plan: QPlan, src, det) -> list[str]:
             if not info.dtype.startswith(("F", "BF")):
                 continue
             dec = typer.decide(k, info.shape, info.dtype)
-            plan.items.append(QItem(k, k, info.shape, info.dtype, "gguf", dec.qtype,
-                                    [QOut(k, dec.qtype, dec.stored_shape, gguf=True)],
-                                    src_bytes=info.nbytes, in_model=True, reason=dec.reason,
-                                    wanted=dec.wanted))
+            item = gguf_item(blocks, floats, k, k, info, dec, "")
+            item.op.order(item, order[k])
+            plan.items.append(item)
         bundled.append(comp_name)
     return bundled
 
 
-def plan_gguf_extra(src, det, comp_name: str, keys: list[str], out: Path, rule: ExtraRule,
-                    qtype: str | None) -> QPlan:
-    """The GGUF plan of one extra component (no data read)."""
+def plan_gguf_extra(plan, src, det, comp_name: str, keys: list[str], out: Path,
+                    rule: ExtraRule, qtype: str | None) -> None:
+    """Add one extra component as its own GGUF file to ``plan`` (no data read)."""
+    from ..engine import OutFile
+    from ..provenance import output_metadata
+    from .ops import GGUFBlocksOp, GGUFFloatOp
+    from .report import REPORT_KEY, ErrorReport
+    from .gguf_plan import gguf_item, gguf_kvs
+
     comp = det.arch.components[comp_name]
     qtype = qtype or rule.default_type
     rel = {k: det.strip(k) for k in keys}
     names, dropped = output_names(rule, comp, list(rel.values()))
-    target = Target(f"gguf:{qtype}", "gguf", qtype)
-    plan = QPlan(src, out, target, [], det, rule.layout,
-                 options={"component": comp_name, "kind": rule.kind, "extras_type": qtype})
+    fid = f"extras:{comp_name}"
+    report = ErrorReport(f"gguf:{qtype}")
+    blocks, floats = GGUFBlocksOp(report, str(src.path)), GGUFFloatOp(report, str(src.path))
     typer = _typer(rule, qtype)
-    for k in keys:
+    items = []
+    for n, k in enumerate(keys):
         r = rel[k]
         if r not in names:
             continue
         info = src.info(k)
-        name = names[r]
-        dec = typer.decide(name, info.shape, info.dtype)
-        plan.items.append(QItem(k, name, info.shape, info.dtype, "gguf", dec.qtype,
-                                [QOut(name, dec.qtype, dec.stored_shape, gguf=True)],
-                                src_bytes=info.nbytes, in_model=True, reason=dec.reason,
-                                wanted=dec.wanted))
-    kvs = []
-    if rule.arch:
-        kvs.append(("general.architecture", GGUFValueType.STRING, rule.arch))
-    import gguf
-
-    kvs += [("general.quantization_version", GGUFValueType.UINT32, GGUF_QUANT_VERSION),
-            ("general.file_type", GGUFValueType.UINT32,
-             int(gguf.LlamaFileType[gguf_file_type(qtype)]))]
+        dec = typer.decide(names[r], info.shape, info.dtype)
+        item = gguf_item(blocks, floats, k, names[r], info, dec, fid)
+        item.op.order(item, n)
+        items.append(item)
+    plan.items += items
     step = {"op": "extract", "component": comp_name, "format": "gguf", "type": qtype,
             "layout": rule.layout}
-    kvs += [(k, GGUFValueType.STRING, v) for k, v in provenance(src, step).items()]
-    kvs += [("convkit.quantization", GGUFValueType.STRING, target.name),
-            ("convkit.layout", GGUFValueType.STRING, rule.layout),
-            ("convkit.component", GGUFValueType.STRING, comp_name)]
-    plan.gguf_kvs = kvs
+    meta = output_metadata(src, step, storage={"convkit.quantization": f"gguf:{qtype}",
+                                               "convkit.layout": rule.layout,
+                                               "convkit.component": comp_name})
+    plan.add_file(OutFile(fid, out, "gguf", meta, kvs=gguf_kvs(qtype, rule.arch or None),
+                          reserve=REPORT_KEY, fill=report.summary_text))
+    plan.reports[fid] = report
+    plan.extras.append(fid)
     how = (f"{rule.names} names" if rule.names else "checkpoint names, prefix removed")
     arch = f", general.architecture {rule.arch}" if rule.arch else ""
     note = (f"extras: {comp_name} ({rule.kind}) -> {out.name}: GGUF {qtype} ({how}{arch}) for "
             f"{rule.loader}")
     if dropped:
         note += f"; left out: {', '.join(dropped)}"
-    if plan.fallbacks:
-        note += f"; {len(plan.fallbacks)} tensors use a fallback type (rows do not fit)"
+    fallbacks = [i for i in items if i.wanted]
+    if fallbacks:
+        note += f"; {len(fallbacks)} tensors use a fallback type (rows do not fit)"
     plan.notes.append(note)
-    return plan

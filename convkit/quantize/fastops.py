@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
+from ..kernels._kq_pack import _f32_from_bits as _bits_to_f32
 from ..kernels._kq_pack import fp16_to_fp32
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -143,6 +144,69 @@ def err_lut_kernel(src, codes, lut, scale):
         if a > mx:
             mx = a
     return sd, ss, mx
+
+
+@njit(**_JIT)
+def half_err_kernel(src, bits, bf16, limit):
+    """One pass over a float32 chunk and its fp16 / bf16 cast (``bits``: the uint16 codes):
+    (non-finite count, count of |v| > limit, sum (deq - src)^2, sum src^2, max |deq - src|).
+    Values that overflowed to inf are counted in ``over`` and left out of the sums (the caller
+    clamps and measures again when there are any)."""
+    bad = 0
+    over = 0
+    sd = 0.0
+    ss = 0.0
+    mx = 0.0
+    for i in range(src.shape[0]):
+        v = src[i]
+        if not np.isfinite(v):
+            bad += 1
+            continue
+        if abs(v) > limit:
+            over += 1
+            continue
+        h = np.uint32(bits[i])
+        if bf16:
+            d = _bits_to_f32(np.int32(h << 16))
+        else:
+            d = fp16_to_fp32(h)
+        s = np.float64(v)
+        e = np.float64(d) - s
+        sd += e * e
+        ss += s * s
+        a = abs(e)
+        if a > mx:
+            mx = a
+    return bad, over, sd, ss, mx
+
+
+@njit(**_JIT)
+def lut_check_err_kernel(src, codes, lut, scale, limit):
+    """:func:`check_kernel` and :func:`err_lut_kernel` in one pass, for a chunk already cast:
+    (non-finite count, count of |v| > limit, sum (deq - src)^2, sum src^2, max |deq - src|).
+    Values beyond ``limit`` or not finite are left out of the sums (the caller clamps and
+    measures again when there are any)."""
+    bad = 0
+    over = 0
+    sd = 0.0
+    ss = 0.0
+    mx = 0.0
+    for i in range(src.shape[0]):
+        v = src[i]
+        if not np.isfinite(v):
+            bad += 1
+            continue
+        if abs(v) > limit:
+            over += 1
+            continue
+        s = np.float64(v)
+        d = np.float64(lut[codes[i]] * scale) - s
+        sd += d * d
+        ss += s * s
+        a = abs(d)
+        if a > mx:
+            mx = a
+    return bad, over, sd, ss, mx
 
 
 class ErrSums:

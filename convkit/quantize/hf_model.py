@@ -79,23 +79,6 @@ def _read_config(path: Path) -> dict:
     return d
 
 
-def refuse_prequantized(raw) -> None:
-    """A diffusers folder saved with a quantization_config (bitsandbytes, quanto, torchao...)
-    holds library-specific tensors that convkit does not read: say so, before detection."""
-    if raw.format != "diffusers":
-        return
-    root = Path(raw.path)
-    for cfg in [root / "config.json", *sorted(root.glob("*/config.json"))]:
-        try:
-            q = json.loads(cfg.read_text()).get("quantization_config")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
-        if q:
-            method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
-            raise UsageError(f"the input is already quantized ({method}, {cfg})", path=raw.path,
-                             hint="start from the unquantized model")
-
-
 def _component_tensors(src, det, comp: str) -> list[DTensor]:
     """The component's tensors under diffusers names, in source order."""
     keys = set(det.component_keys.get(comp, []))
@@ -175,10 +158,8 @@ def resolve(src, det, raw, config: dict | str | os.PathLike | None = None) -> Mo
         if p.is_file():
             given.append((str(p), _read_config(p)))
     for where, cfg in given:
-        if cfg.get("quantization_config"):
-            raise UsageError(f"the input is already quantized "
-                             f"({cfg['quantization_config'].get('quant_method', '?')}, {where})",
-                             path=src.path, hint="start from the unquantized model")
+        # a quantized input folder: the view has decoded its weights; its model is the same
+        cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
         m = meta_model(cfg["_class_name"], cfg)
         problems = _mismatch(m, tensors)
         if problems:
@@ -206,37 +187,3 @@ def model_dtype(tensors: list[DTensor], rest: str | None) -> str:
         if dtypes.is_float(t.dtype):
             by[t.dtype] = by.get(t.dtype, 0) + t.src_bytes
     return max(by, key=by.get) if by else "F32"
-
-
-def stream(src, tensors: list[DTensor]):
-    """Yield (DTensor, tensor in diffusers form) in order, reading the next source tensor in a
-    helper thread meanwhile; a fused source tensor is read once for all its parts."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    keys: list[str] = []
-    for t in tensors:
-        if not keys or keys[-1] != t.key:
-            keys.append(t.key)
-    if not keys:
-        return
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convkit-reader")
-    try:
-        ki = 0
-        nxt = pool.submit(src.load, keys[0])
-        cur_key, cur = None, None
-        for dt in tensors:
-            if dt.key != cur_key:
-                cur = None
-                raw = nxt.result()
-                ki += 1
-                nxt = pool.submit(src.load, keys[ki]) if ki < len(keys) else None
-                cur_key, cur = dt.key, _bwd(dt.transform, raw)
-                del raw
-            if dt.part is None:
-                yield dt, cur
-            else:
-                a, b = dt.part
-                yield dt, cur[a:b]
-        cur = None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

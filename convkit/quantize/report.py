@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -38,12 +39,28 @@ def measure(name: str, qtype: str, src: torch.Tensor, deq: torch.Tensor) -> Tens
 
 @dataclass
 class ErrorReport:
-    target: str
-    tensors: list[TensorError] = field(default_factory=list)
-    clamped: dict[str, int] = field(default_factory=dict)
+    """Errors of the quantized tensors. Tensors may be added from several threads in any
+    order; they are kept in plan order (``order``), so every summary is the same however the
+    work was scheduled."""
 
-    def add(self, e: TensorError) -> None:
-        self.tensors.append(e)
+    target: str
+    clamped: dict[str, int] = field(default_factory=dict)
+    _entries: list[tuple[int, int, TensorError]] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, e: TensorError, order: int | None = None) -> None:
+        with self._lock:
+            n = len(self._entries)
+            self._entries.append((n if order is None else order, n, e))
+
+    def add_clamped(self, name: str, count: int) -> None:
+        with self._lock:
+            self.clamped[name] = self.clamped.get(name, 0) + count
+
+    @property
+    def tensors(self) -> list[TensorError]:
+        with self._lock:
+            return [e for _, _, e in sorted(self._entries, key=lambda x: x[:2])]
 
     def worst(self, n: int = 10) -> list[TensorError]:
         return sorted(self.tensors, key=lambda e: -e.rel_rmse)[:n]

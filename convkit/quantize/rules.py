@@ -7,10 +7,9 @@ from __future__ import annotations
 import functools
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 
+from ..data import list_files, load_toml
 from ..errors import UsageError
 
 GGUF_PLAIN = ("F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K",
@@ -20,8 +19,7 @@ QK_K = 256
 
 
 def _data(name: str) -> dict:
-    return tomllib.loads((resources.files("convkit.formats") / "quant" / name)
-                         .read_text(encoding="utf-8"))
+    return load_toml(f"quant/{name}")
 
 
 @dataclass(frozen=True)
@@ -49,12 +47,12 @@ class ArchRules:
 @functools.cache
 def all_rules() -> dict[str, ArchRules]:
     out = {}
-    for entry in sorted(resources.files("convkit.formats").joinpath("quant").iterdir(),
-                        key=lambda e: e.name):
-        if not entry.name.endswith(".toml") or entry.name == "gguf_mixes.toml":
+    for rel in list_files("quant"):
+        name = rel.split("/")[-1]
+        if name == "gguf_mixes.toml":
             continue
-        d = tomllib.loads(entry.read_text(encoding="utf-8"))
-        r = ArchRules(entry.name[:-5], tuple(d["archs"]), int(d.get("small_values", 1024)),
+        d = load_toml(rel)
+        r = ArchRules(name[:-5], tuple(d["archs"]), int(d.get("small_values", 1024)),
                       d.get("gguf", {}), d.get("sdcpp", {}), d.get("fp8", {}), d.get("nf4", {}))
         for a in r.archs:
             out[a] = r

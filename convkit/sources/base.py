@@ -82,6 +82,24 @@ class TensorSource:
         """Fill ``out`` (1-D uint8) with the stored bytes of ``name`` from byte ``start``."""
         raise NotImplementedError
 
+    # -- the logical-read API the engine uses (WeightsView implements it fully; other
+    #    sources are read whole, tensor by tensor) ------------------------------------------
+    def chunkable(self, name: str) -> bool:
+        return False
+
+    def granule(self, name: str) -> int:
+        return 0
+
+    def is_direct(self, name: str) -> bool:
+        return False
+
+    def read_logical(self, name: str, start: int, count: int, out: torch.Tensor,
+                     scratch: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} reads whole tensors only")
+
+    def stored_span(self, name: str, start: int, count: int) -> int:
+        return 0
+
     def files(self) -> list[Path]:
         """Every file this source reads (to refuse writing over one of them)."""
         return [self.path]

@@ -6,13 +6,14 @@ plus weights, no model_index.json) is read with no prefix.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import InputFormatError
 from .base import TensorInfo, TensorSource
+from .files import open_file
+from .jsonsafe import loads
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
@@ -24,10 +25,14 @@ def component_weight_files(folder: Path, variant: str | None = None) -> list[Pat
         index = folder / f"{base}.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputFormatError("shard index has no weight_map", path=index) from None
-            files = sorted(set(weight_map.values()))
+                weight_map = loads(index.read_bytes(), "shard index")["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise InputFormatError(f"shard index has no valid weight_map ({e})",
+                                       path=index) from None
+            if not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..")
+                       for f in files):
+                raise InputFormatError("shard index names files outside its folder", path=index)
             missing = [f for f in files if not (folder / f).exists()]
             if missing:
                 raise InputFormatError(f"shard(s) missing: {', '.join(missing)}", path=index,
@@ -52,8 +57,6 @@ def is_diffusers_folder(path: Path) -> bool:
 
 class DiffusersFolder(TensorSource):
     def __init__(self, path, variant: str | None = None):
-        from . import open_file  # late import: the package module imports us
-
         path = Path(path)
         super().__init__(path=path, format="diffusers")
         self.components: dict[str, list[Path]] = {}
@@ -62,21 +65,33 @@ class DiffusersFolder(TensorSource):
         self._sources: list[TensorSource] = []
         if (path / "model_index.json").exists():
             try:
-                self.model_index = json.loads((path / "model_index.json").read_text())
-            except json.JSONDecodeError as e:
-                raise InputFormatError(f"model_index.json is not valid JSON ({e})", path=path) from None
+                self.model_index = loads((path / "model_index.json").read_bytes(),
+                                         "model_index.json")
+            except ValueError as e:
+                raise InputFormatError(str(e), path=path) from None
+            if not isinstance(self.model_index, dict):
+                raise InputFormatError("model_index.json is not a JSON object", path=path)
             names = [k for k, v in self.model_index.items()
                      if not k.startswith("_") and isinstance(v, list)]
             prefixes = {n: f"{n}/" for n in names}
         else:  # a lone component folder (e.g. just unet/): its keys carry no prefix
             prefixes = {"": ""}
         self.lone_component = not self.model_index
+        self.configs: dict[str, dict] = {}      # component -> its config.json (if any)
         for comp, prefix in prefixes.items():
             folder = path / comp if comp else path
             files = component_weight_files(folder, variant) if folder.is_dir() else []
             if not files:
                 continue
             self.components[comp] = files
+            cfg = folder / "config.json"
+            if cfg.is_file():
+                try:
+                    c = loads(cfg.read_bytes(), "config.json")
+                except ValueError as e:
+                    raise InputFormatError(str(e), path=cfg) from None
+                if isinstance(c, dict):
+                    self.configs[comp] = c
             for f in files:
                 src = open_file(f)
                 self._sources.append(src)

@@ -6,7 +6,6 @@ offsets, unknown dtype, shape/size mismatch.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -17,6 +16,7 @@ import torch
 from .. import dtypes
 from ..errors import InputFormatError, raise_all
 from .base import TensorInfo, TensorSource
+from .jsonsafe import loads
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 _HINT_DAMAGED = "the file is damaged or incomplete; download or export it again"
@@ -39,11 +39,10 @@ def read_header(path: Path) -> tuple[dict, int, int]:
                                    path=path, hint=_HINT_DAMAGED)
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputFormatError(f"corrupt header (not valid JSON: {e.__class__.__name__} at byte "
-                               f"{getattr(e, 'pos', getattr(e, 'start', '?'))})",
-                               path=path, hint=_HINT_DAMAGED) from None
+        # duplicate names are refused: two parsers could disagree on which entry counts
+        header = loads(raw, "header")
+    except ValueError as e:
+        raise InputFormatError(f"corrupt header ({e})", path=path, hint=_HINT_DAMAGED) from None
     if not isinstance(header, dict):
         raise InputFormatError("corrupt header (not a JSON object)", path=path, hint=_HINT_DAMAGED)
     return header, 8 + n, size

@@ -107,15 +107,40 @@ def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Te
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
 
-def save_single_file(tiny: TinyModel, path, dtype: torch.dtype = torch.float32, layout: str | None = None) -> Path:
-    """Write one .safetensors with the real single-file names (``layout`` "sgm", or "bfl" for Flux)."""
-    from safetensors.torch import save_file
+def save_state_dict(sd: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None
+                    ) -> Path:
+    """Write a state dict as safetensors through convkit's writer: atomic, and with the mode a
+    plain ``open()`` gives under the umask (safetensors' own ``save_file`` makes 0600 files)."""
+    from ..writer import OutSpec, SafetensorsWriter
+    from .. import dtypes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = _cast(state_dict_single_file(tiny, layout), dtype)
-    save_file(sd, str(path), metadata={"format": "pt"})
+    if path.exists():
+        path.unlink()
+    specs = [OutSpec(k, dtypes.from_torch(t.dtype), tuple(t.shape)) for k, t in sd.items()]
+    with SafetensorsWriter(path, specs, metadata) as w:
+        for k, t in sd.items():
+            w.write(k, t.contiguous())
     return path
+
+
+def save_single_file(tiny: TinyModel, path, dtype: torch.dtype = torch.float32, layout: str | None = None) -> Path:
+    """Write one .safetensors with the real single-file names (``layout`` "sgm", or "bfl" for Flux)."""
+    sd = _cast(state_dict_single_file(tiny, layout), dtype)
+    return save_state_dict(sd, path, {"format": "pt"})
+
+
+def fix_modes(folder: Path) -> None:
+    """Give files the mode a plain ``open()`` gives under the umask (save_pretrained writes its
+    weights through safetensors, which makes them 0600)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            p.chmod(0o666 & ~mask)
 
 
 # --------------------------------------------------------------------------- diffusers folder
@@ -205,6 +230,7 @@ def save_diffusers(tiny: TinyModel, folder, dtype: torch.dtype = torch.float32, 
         tiny = build_copy(tiny)
     pipe = pipeline(tiny, dtype)
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    fix_modes(folder)
     if not weights:
         for p in folder.rglob("*"):
             if p.is_file() and p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"):

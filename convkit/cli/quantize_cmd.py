@@ -1,16 +1,23 @@
-"""``convkit quantize IN OUT --to TARGET`` (registered on the main group when imported)."""
+"""``convkit quantize IN OUT --to TARGET``."""
 from __future__ import annotations
 
 
 import click
 
-from ..cli import _progress, emit_plan_or_json, main, output_options
+from .common import RegistryChoice, dry_run_option, emit_plan_or_json, output_options, progress
 
 
-@main.command("quantize")
+def _normalise(name: str) -> str:
+    from ..quantize.targets import normalise
+
+    return normalise(name)
+
+
+
+@click.command("quantize")
 @click.argument("input", type=click.Path())
 @click.argument("output", type=click.Path())
-@click.option("--to", "target", required=True,
+@click.option("--to", "target", required=True, type=RegistryChoice("quantize", _normalise),
               help="fp8-e4m3fn, fp8-e5m2, fp8-scaled, nf4, fp4, gguf:F16|BF16|Q8_0|Q5_1|Q5_0|"
                    "Q4_1|Q4_0|Q6_K|Q5_K|Q4_K|Q3_K|Q2_K or a mix gguf:Q5_K_M|Q5_K_S|Q4_K_M|"
                    "Q4_K_S|Q3_K_M|Q3_K_S; or, as a diffusers model folder (OUTPUT is a "
@@ -48,7 +55,7 @@ from ..cli import _progress, emit_plan_or_json, main, output_options
 @click.option("--report", "report_path", type=click.Path(), default=None,
               help="Write the per-tensor error report (JSON) here.")
 @click.option("--no-verify", is_flag=True, help="Skip reopening the output to check it.")
-@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@dry_run_option
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--variant", default=None, help="diffusers weight variant to read (e.g. fp16).")
 @output_options
@@ -69,7 +76,7 @@ def quantize_cmd(input, output, target, layout, type_rules, scaled_format, doubl
       convkit quantize sdxl.safetensors sdxl-nf4.safetensors --to nf4 --rest-dtype bf16
       convkit quantize sdxl.safetensors x.gguf --to gguf:Q4_K_M --type-rule 'attn2\\.to_k=Q8_0'
     """
-    from . import quantize as do_quantize
+    from ..quantize import quantize as do_quantize
 
     result = do_quantize(input, output, target, layout=layout, type_rules=type_rules,
                          scaled_format=scaled_format, double_quant=double_quant,
@@ -78,7 +85,7 @@ def quantize_cmd(input, output, target, layout, type_rules, scaled_format, doubl
                          extras_type=None if extras_type == "auto" else extras_type,
                          report_path=report_path,
                          overwrite=overwrite, dry_run=dry_run, verify=not no_verify,
-                         variant=variant, progress=_progress(quiet, as_json))
+                         variant=variant, progress=progress(quiet, as_json))
     if emit_plan_or_json(result, as_json=as_json, dry_run=dry_run, quiet=quiet):
         return
     s = result.stats
