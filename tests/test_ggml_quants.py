@@ -168,6 +168,55 @@ def test_matches_live_ggml_random(qtype):
         assert np.array_equal(quantize(x, qtype), ref.quantize(x, qtype))
 
 
+def _random_superblocks(rng, nsb: int) -> np.ndarray:
+    """nsb random 256-value super-blocks made of 16-value groups of varied kinds: tiny..huge
+    groups, zero / -0.0 / constant groups, +-a ties with zeros, one-sided, single spikes, heavy
+    tails, few distinct values, subnormals, +0/-0 next to positives; then a per-super-block
+    scale (tiny or huge super-blocks)."""
+    g = rng.standard_normal((nsb, 16, 16)).astype(np.float32)
+    kind = rng.integers(0, 12, (nsb, 16))
+    scale = np.exp(rng.uniform(-30, 25, (nsb, 16, 1))).astype(np.float32)
+    g = g * np.where(kind[..., None] == 0, scale, np.float32(1.0))
+    g[kind == 1] = 0.0
+    g[kind == 2] = np.float32(-0.0)
+    g[kind == 3] = rng.choice(np.float32([-1.5, 0.25, 3.0]), (np.sum(kind == 3), 1))
+    m = kind == 4
+    g[m] = rng.choice(np.float32([-0.5, 0.5, 0.0, -0.0, 0.25]), (np.sum(m), 16))
+    m = kind == 5
+    g[m] = np.abs(g[m])
+    m = kind == 6
+    g[m] = -np.abs(g[m])
+    m = kind == 7
+    g[m] = 0.0
+    g[m, rng.integers(0, 16, np.sum(m))] = rng.standard_normal(np.sum(m)).astype(np.float32) * 10
+    m = kind == 8
+    g[m] = rng.standard_t(1.5, (np.sum(m), 16)).astype(np.float32)
+    m = kind == 9
+    g[m] = (np.round(rng.standard_normal((np.sum(m), 16)) * 4) / 8).astype(np.float32)
+    m = kind == 10
+    g[m] = (rng.standard_normal((np.sum(m), 16)) * 1e-39).astype(np.float32)
+    m = kind == 11
+    g[m] = np.abs(g[m])
+    g[m, :2] = np.float32([0.0, -0.0])
+    x = g.reshape(nsb, 256) * np.exp(rng.uniform(-20, 20, (nsb, 1))).astype(np.float32)
+    assert np.isfinite(x).all()
+    return x
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_matches_live_ggml_random_superblocks(qtype):
+    """7,328 random super-blocks (58,624 legacy blocks) per type, bytes equal to ggml's."""
+    ref = _ggml_ref()
+    if ref is None:
+        pytest.skip("no local ggml library (see tools/make_ggml_goldens.py)")
+    x = _random_superblocks(np.random.default_rng(2024), 7328)
+    got, want = quantize(x, qtype), ref.quantize(x, qtype)
+    if not np.array_equal(got, want):
+        ts = block_info(qtype)[1]
+        bad = np.nonzero((got.reshape(-1, ts) != want.reshape(-1, ts)).any(axis=1))[0]
+        pytest.fail(f"{qtype}: {bad.size} blocks differ from ggml, first {bad[:8]}")
+
+
 @pytest.mark.parametrize("qtype", LEGACY)
 def test_legacy_numba_equals_numpy_version(qtype):
     from convkit.kernels import legacy

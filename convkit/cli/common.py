@@ -119,6 +119,9 @@ def quiet_third_party_logs() -> None:
     """Import-time chatter of optional backends (bitsandbytes, transformers) is not ours to show."""
     import logging
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # optional backends log missing GPU extensions and deprecations when something imports
+    # them (diffusers imports every installed quantization library)
+    for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "optimum.quanto"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -8,7 +8,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._kq_numba import _EPS, _JIT, _bits_f32, f32, nearest_clamp_u8, nearest_int
+from ._kq_numba import _EPS, _JIT, _bits_f32, _i32, f32, nearest_clamp_i32, nearest_int
 
 # --------------------------------------------------------------------------- fused "finish" steps
 # Per super-block: quantize the group scales, fp16 the super-scales, re-quantize the values with
@@ -72,23 +72,34 @@ def _put16(out, i, pos, h):
     out[i, pos + 1] = (h >> 8) & 0xFF
 
 
-@njit(inline="always", **_JIT)
-def _requant(row, lrow, dv, mv, lo, hi, off):
-    """The re-quantization with the rounded scales, over one super-block as a flat loop (so it
-    vectorises): ``lrow[t] = clamp(nearest_int((row[t] + mv[t]) / dv[t]), lo, hi) + off`` where
-    ``dv[t] != 0``; where C skips a group (its scale rounded to 0) the search's L stays.
+# The per-block helpers below that loop over arrays are plain (not inlined) calls taking the
+# whole 2-D arrays and a row index: inlining them, or passing a row view ``a[i]``, makes numba
+# emit an atomic incref/decref pair per block, which cost more than the loops themselves.
+
+@njit(**_JIT)
+def _requant(xb, i, L, il, dv, mv, lo, hi, off, qs):
+    """The re-quantization with the rounded scales, over super-block i as flat loops (so they
+    vectorise): ``L[il, t] = clamp(nearest_int((xb[i, t] + mv[t]) / dv[t]), lo, hi) + off``
+    where ``dv[t] != 0``; where C skips a group (its scale rounded to 0) the search's L stays.
     ``mv`` is 0 for the types without a min (x + 0.0 == x up to the sign of zero, which
-    nearest_int does not see)."""
-    for t in range(row.shape[0]):
-        dj = dv[t]
-        q = nearest_clamp_u8((row[t] + mv[t]) / dj, lo, hi, off)
-        lrow[t] = q if dj != f32(0.0) else lrow[t]
+    nearest_int does not see); ``dv`` is constant over runs of 16.  The divisions run into the
+    int32 scratch ``qs`` first: a single loop that also narrows to uint8 does not vectorise on
+    AVX2 (LLVM's cost model)."""
+    n = xb.shape[1]
+    for t in range(n):
+        qs[t] = nearest_clamp_i32((xb[i, t] + mv[t]) / dv[t], lo, hi, off)
+    for t0 in range(0, n, 16):
+        if dv[t0] != f32(0.0):
+            for t in range(t0, t0 + 16):
+                L[il, t] = np.uint8(qs[t])
 
 
-@njit(inline="always", **_JIT)
-def _fill(v, j, g, value):
-    for ii in range(g):
-        v[g * j + ii] = value
+@njit(**_JIT)
+def _expand(dst, src, ng, g):
+    """dst[g * j + ii] = src[j] for j < ng (per-group values to per-value)."""
+    for j in range(ng):
+        for ii in range(g):
+            dst[g * j + ii] = src[j]
 
 
 @njit(**_JIT)
@@ -100,6 +111,9 @@ def q45k_finish(xb, L, sc, mi, nmax, out):
     lm = np.zeros(8, np.int64)
     dv = np.zeros(256, np.float32)
     mv = np.zeros(256, np.float32)
+    qs = np.zeros(256, np.int32)
+    dg = np.zeros(16, np.float32)
+    mg = np.zeros(16, np.float32)
     for i in range(nb):
         max_scale = f32(0.0)
         max_min = f32(0.0)
@@ -124,9 +138,11 @@ def q45k_finish(xb, L, sc, mi, nmax, out):
         d = fp16_to_fp32(dh)
         dmin = fp16_to_fp32(mh)
         for j in range(8):
-            _fill(dv, j, 32, d * f32(ls[j]))
-            _fill(mv, j, 32, dmin * f32(lm[j]))
-        _requant(xb[i], L[i], dv, mv, 0, nmax, 0)
+            dg[j] = d * f32(ls[j])
+            mg[j] = dmin * f32(lm[j])
+        _expand(dv, dg, 8, 32)
+        _expand(mv, mg, 8, 32)
+        _requant(xb, i, L, i, dv, mv, 0, nmax, 0, qs)
         if nmax == 15:
             for c in range(4):
                 for l in range(32):
@@ -149,7 +165,7 @@ def q45k_finish(xb, L, sc, mi, nmax, out):
                     out[i, 48 + 32 * c + j] = l1 | (l2 << 4)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _pack2(out, i, base, L):
     for h in range(2):
         for l in range(32):
@@ -164,6 +180,9 @@ def q2k_finish(xb, L, sc, mi, out):
     s = np.zeros(16, np.int64)
     dv = np.zeros(256, np.float32)
     mv = np.zeros(256, np.float32)
+    qs = np.zeros(256, np.int32)
+    dg = np.zeros(16, np.float32)
+    mg = np.zeros(16, np.float32)
     for i in range(nb):
         max_scale = f32(0.0)
         max_min = f32(0.0)
@@ -191,9 +210,11 @@ def q2k_finish(xb, L, sc, mi, out):
         dmin = fp16_to_fp32(mh)
         for j in range(16):
             out[i, j] = s[j]
-            _fill(dv, j, 16, d * f32(s[j] & 0xF))
-            _fill(mv, j, 16, dmin * f32(s[j] >> 4))
-        _requant(xb[i], L[i], dv, mv, 0, 3, 0)
+            dg[j] = d * f32(s[j] & 0xF)
+            mg[j] = dmin * f32(s[j] >> 4)
+        _expand(dv, dg, 16, 16)
+        _expand(mv, mg, 16, 16)
+        _requant(xb, i, L, i, dv, mv, 0, 3, 0, qs)
         _pack2(out, i, 16, L)
         _put16(out, i, 80, dh)
         _put16(out, i, 82, mh)
@@ -208,7 +229,9 @@ def q3k_finish(xb, Lt, sc, out):
     lq = np.zeros(16, np.int64)
     dv = np.zeros(256, np.float32)
     mv = np.zeros(256, np.float32)
-    lb = np.zeros(256, np.uint8)
+    qs = np.zeros(256, np.int32)
+    dg = np.zeros(16, np.float32)
+    lb = np.zeros((1, 256), np.uint8)
     for i in range(nb):
         amax = f32(0.0)
         max_scale = f32(0.0)
@@ -239,23 +262,25 @@ def q3k_finish(xb, Lt, sc, out):
         d = fp16_to_fp32(dh)
         for j in range(16):
             dj = d * f32(lq[j] - 32)
-            _fill(dv, j, 16, dj)
+            dg[j] = dj
             if dj == f32(0.0):
                 g = 16 * i + j
                 for ii in range(16):
-                    lb[16 * j + ii] = Lt[g // T, ii, g % T]
-        _requant(xb[i], lb, dv, mv, -4, 3, 4)
+                    lb[0, 16 * j + ii] = Lt[g // T, ii, g % T]
+        _expand(dv, dg, 16, 16)
+        _requant(xb, i, lb, 0, dv, mv, -4, 3, 4, qs)
         for m in range(32):
             h = np.uint8(0)
             for k in range(8):
-                v = lb[32 * k + m]
+                v = lb[0, 32 * k + m]
                 h |= np.uint8((v >> 2) << k)
             out[i, m] = h
         for hh in range(2):
             for l in range(32):
                 j = 128 * hh + l
-                out[i, 32 + 32 * hh + l] = ((lb[j] & 3) | ((lb[j + 32] & 3) << 2)
-                                             | ((lb[j + 64] & 3) << 4) | ((lb[j + 96] & 3) << 6))
+                out[i, 32 + 32 * hh + l] = ((lb[0, j] & 3) | ((lb[0, j + 32] & 3) << 2)
+                                             | ((lb[0, j + 64] & 3) << 4)
+                                             | ((lb[0, j + 96] & 3) << 6))
         _put16(out, i, 108, dh)
 
 
@@ -264,6 +289,8 @@ def q6k_finish(xb, L, sc, out):
     nb = xb.shape[0]
     dv = np.zeros(256, np.float32)
     mv = np.zeros(256, np.float32)
+    qs = np.zeros(256, np.int32)
+    dg = np.zeros(16, np.float32)
     for i in range(nb):
         max_abs = f32(0.0)
         max_scale = f32(0.0)
@@ -283,8 +310,9 @@ def q6k_finish(xb, L, sc, out):
             q = min(127, nearest_int(iscale * sc[i, j])) & 0xFF
             out[i, 192 + j] = q
             s8 = q - 256 if q > 127 else q
-            _fill(dv, j, 16, d * f32(s8))
-        _requant(xb[i], L[i], dv, mv, -32, 31, 32)
+            dg[j] = d * f32(s8)
+        _expand(dv, dg, 16, 16)
+        _requant(xb, i, L, i, dv, mv, -32, 31, 32, qs)
         for h in range(2):
             for l in range(32):
                 j = 128 * h + l
@@ -303,74 +331,270 @@ def q6k_finish(xb, L, sc, out):
 LEG_Q8_0, LEG_Q4_0, LEG_Q5_0, LEG_Q4_1, LEG_Q5_1 = 0, 1, 2, 3, 4
 
 
+# Float -> int conversions below are LLVM fptosi to int32, i.e. x86 cvttps2dq: INT_MIN for
+# inf/NaN/out of range, as C's casts compile on x86 (such values occur when 1/d overflows for a
+# subnormal d; tests/test_ggml_quants.py's random super-blocks cover them).
+
+@intrinsic
+def _f2u8(typingctx, x):
+    """(uint8_t)(int)x: float -> int32 truncation, low byte."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.trunc(builder.fptosi(args[0], ir.IntType(32)), ir.IntType(8))
+
+    return types.uint8(types.float32), codegen
+
+
+@intrinsic
+def _c_q(typingctx, x, top):
+    """C's ``MIN(top, (int8_t)x)`` as int32: float -> int32 truncation (x86: INT_MIN when out
+    of range, e.g. inf/NaN when 1/d overflowed), low byte sign-extended, signed min."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        v = builder.sext(builder.trunc(builder.fptosi(args[0], i32), ir.IntType(8)), i32)
+        t = _i32(builder, args[1])
+        return builder.select(builder.icmp_signed("<", v, t), v, t)
+
+    return types.int32(types.float32, top), codegen
+
+
+@intrinsic
+def _nib2i(typingctx, a, b):
+    """(a & 0xF) | ((b & 0xF) << 4) as uint8 for int32 a, b."""
+    if a != types.int32 or b != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        m = ir.Constant(i32, 0xF)
+        lo = builder.and_(args[0], m)
+        hi = builder.shl(builder.and_(args[1], m), ir.Constant(i32, 4))
+        return builder.trunc(builder.or_(lo, hi), ir.IntType(8))
+
+    return types.uint8(types.int32, types.int32), codegen
+
+
+@intrinsic
+def _fkey(typingctx, x):
+    """int32 key of a float32 whose signed order is the float order (-0.0 < +0.0)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        b = builder.bitcast(args[0], i32)
+        m = builder.lshr(builder.ashr(b, ir.Constant(i32, 31)), ir.Constant(i32, 1))
+        return builder.xor(b, m)
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _unkey(typingctx, k):
+    """Inverse of ``_fkey``."""
+    if k != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        b = args[0]
+        m = builder.lshr(builder.ashr(b, ir.Constant(i32, 31)), ir.Constant(i32, 1))
+        return builder.bitcast(builder.xor(b, m), ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _absbits(typingctx, x):
+    """int32 bits of |x| (their order is the order of |x|)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
+
+    return types.int32(types.float32), codegen
+
+
+# The block reductions (max |x|, min, max) are integer min/max reductions over order-preserving
+# int32 keys of the floats: LLVM vectorises those (a float min/max reduction needs fastmath).
+# min/max of float32 are exact and order-independent except for the sign of a zero result and
+# for which of +a / -a comes first in q4_0/q5_0's signed max; those blocks (rare) redo C's loop.
+# Loop bounds come from array shapes, not literals: numba runs LLVM without its SLP vectoriser,
+# so a loop LLVM fully unrolls (constant trip count) stays scalar.
+
+_I32MAX = np.int32(2147483647)
+_I32MIN = np.int32(-2147483648)
+
+
+@njit(**_JIT)
+def _minmax_c(x, i):
+    """(min, max) of x[i, :] in C's order: ``if (v < min) min = v; if (v > max) max = v``
+    from FLT_MAX / -FLT_MAX (decides the sign of a zero result)."""
+    mn = f32(3.4028234663852886e38)
+    mx = f32(-3.4028234663852886e38)
+    for j in range(x.shape[1]):
+        v = x[i, j]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+    return mn, mx
+
+
+@njit(**_JIT)
+def _signed_absmax_c(x, i):
+    """q4_0/q5_0's loop: the first x[i, j] with the largest |x| (+0.0 if all are zero)."""
+    amax = f32(0.0)
+    mx = f32(0.0)
+    for j in range(x.shape[1]):
+        a = abs(x[i, j])
+        if amax < a:
+            amax = a
+            mx = x[i, j]
+    return mx
+
+
+@njit(**_JIT)
+def _put_qh(out, i, pos, qi, n):
+    """qh: bit j = bit 4 of the level qi[j] of value j (little-endian uint32)."""
+    qh = 0
+    for j in range(n):
+        qh |= ((np.int64(qi[j]) >> 4) & 1) << j
+    for k in range(4):
+        out[i, pos + k] = (qh >> (8 * k)) & 0xFF
+
+
+@njit(**_JIT)
+def _put_fp16(out, pos, v):
+    """out[i, pos:pos + 2] = GGML_FP32_TO_FP16(v[i]) for every block (one pass at the end, so
+    the conversions run side by side)."""
+    for i in range(out.shape[0]):
+        _put16(out, i, pos, fp32_to_fp16(v[i]))
+
+
+# The per-block loops below are written out in the kernels (not in helpers: an inlined helper
+# taking an array costs an atomic incref/decref pair per block, a call ~20 cycles).
+
+@njit(**_JIT)
+def _leg_q8_0(x, out):
+    nb, n = x.shape
+    dd = np.empty(nb, np.float32)
+    for i in range(nb):
+        k = np.int32(0)
+        for j in range(n):
+            a = _absbits(x[i, j])
+            k = a if a > k else k
+        d = _f32_from_bits(k) / f32(127.0)  # max |x| (as MAX(amax, fabsf(v)) from 0)
+        dd[i] = d
+        idv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+        for j in range(n):
+            v = x[i, j] * idv
+            t = np.trunc(v)
+            r = t + (f32(1.0) if v > f32(0.0) else f32(-1.0))
+            out[i, 2 + j] = _f2u8(r if abs(v - t) >= f32(0.5) else t)  # roundf
+    _put_fp16(out, 0, dd)
+
+
+@njit(**_JIT)
+def _leg_q45_0(x, out, top):
+    """q4_0 (top 15) / q5_0 (top 31)."""
+    nb, n = x.shape
+    h = n // 2
+    qi = np.zeros(n, np.int32)
+    dd = np.empty(nb, np.float32)
+    half = f32(top + 1) * f32(0.5)
+    dv = -half
+    off = half + f32(0.5)
+    for i in range(nb):
+        kmin = _I32MAX
+        kmax = _I32MIN
+        for j in range(n):
+            k = _fkey(x[i, j])
+            kmin = k if k < kmin else kmin
+            kmax = k if k > kmax else kmax
+        hi = _unkey(kmax)
+        lo = _unkey(kmin)
+        if hi > -lo:
+            mx = hi
+        elif -lo > hi:
+            mx = lo
+        else:  # +a and -a both present (or all zero): the first one wins
+            mx = _signed_absmax_c(x, i)
+        d = mx / dv
+        dd[i] = d
+        idv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+        if top == 31:
+            for j in range(h):
+                q0 = _c_q(x[i, j] * idv + off, top)
+                q1 = _c_q(x[i, j + h] * idv + off, top)
+                qi[j] = q0
+                qi[j + h] = q1
+                out[i, 6 + j] = _nib2i(q0, q1)
+            _put_qh(out, i, 2, qi, n)
+        else:
+            for j in range(h):
+                out[i, 2 + j] = _nib2i(_c_q(x[i, j] * idv + off, top),
+                                       _c_q(x[i, j + h] * idv + off, top))
+    _put_fp16(out, 0, dd)
+
+
+@njit(**_JIT)
+def _leg_q45_1(x, out, top):
+    """q4_1 (top 15: MIN(15, .)) / q5_1 (top 31: no clamp, (uint8_t) of the int8)."""
+    nb, n = x.shape
+    h = n // 2
+    qi = np.zeros(n, np.int32)
+    dd = np.empty(nb, np.float32)
+    mm = np.empty(nb, np.float32)
+    ftop = f32(top)
+    for i in range(nb):
+        kmin = _I32MAX
+        kmax = _I32MIN
+        for j in range(n):
+            k = _fkey(x[i, j])
+            kmin = k if k < kmin else kmin
+            kmax = k if k > kmax else kmax
+        mn = _unkey(kmin)
+        mx = _unkey(kmax)
+        if mn == f32(0.0) or mx == f32(0.0):  # the sign of a zero depends on the order
+            mn, mx = _minmax_c(x, i)
+        d = (mx - mn) / ftop
+        dd[i] = d
+        mm[i] = mn
+        idv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+        if top == 31:  # (uint8_t)(int8_t)(v + 0.5f), no clamp
+            for j in range(h):
+                q0 = _c_q((x[i, j] - mn) * idv + f32(0.5), 127)
+                q1 = _c_q((x[i, j + h] - mn) * idv + f32(0.5), 127)
+                qi[j] = q0
+                qi[j + h] = q1
+                out[i, 8 + j] = _nib2i(q0, q1)
+            _put_qh(out, i, 4, qi, n)
+        else:
+            for j in range(h):
+                out[i, 4 + j] = _nib2i(_c_q((x[i, j] - mn) * idv + f32(0.5), top),
+                                       _c_q((x[i, j + h] - mn) * idv + f32(0.5), top))
+    _put_fp16(out, 0, dd)
+    _put_fp16(out, 2, mm)
+
+
 @njit(**_JIT)
 def legacy_kernel(x, kind, out):
     """quantize_row_{q8_0,q4_0,q5_0,q4_1,q5_1}_ref over x (nb, 32) -> out (nb, type_size)."""
-    nb = x.shape[0]
-    q = np.zeros(32, np.int64)
-    for i in range(nb):
-        if kind == LEG_Q8_0:
-            amax = f32(0.0)
-            for j in range(32):
-                a = abs(x[i, j])
-                amax = amax if amax > a else a
-            d = amax / f32(127.0)
-            idv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
-            _put16(out, i, 0, fp32_to_fp16(d))
-            for j in range(32):
-                v = x[i, j] * idv
-                t = np.trunc(v)
-                if abs(v - t) >= f32(0.5):
-                    t += f32(1.0) if v > f32(0.0) else f32(-1.0)
-                out[i, 2 + j] = np.int64(t) & 0xFF
-            continue
-        if kind == LEG_Q4_0 or kind == LEG_Q5_0:
-            amax = f32(0.0)
-            mx = f32(0.0)
-            for j in range(32):
-                a = abs(x[i, j])
-                if amax < a:
-                    amax = a
-                    mx = x[i, j]
-            if kind == LEG_Q4_0:
-                d = mx / f32(-8.0)
-                off = f32(8.5)
-                top = 15
-            else:
-                d = mx / f32(-16.0)
-                off = f32(16.5)
-                top = 31
-            idv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
-            _put16(out, i, 0, fp32_to_fp16(d))
-            for j in range(32):
-                q[j] = min(top, np.int64(x[i, j] * idv + off))
-            pos = 2
-        else:
-            mn = f32(3.4028234663852886e38)
-            mx = f32(-3.4028234663852886e38)
-            for j in range(32):
-                v = x[i, j]
-                if v < mn:
-                    mn = v
-                if v > mx:
-                    mx = v
-            if kind == LEG_Q4_1:
-                d = (mx - mn) / f32(15.0)
-            else:
-                d = (mx - mn) / f32(31.0)
-            idv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
-            _put16(out, i, 0, fp32_to_fp16(d))
-            _put16(out, i, 2, fp32_to_fp16(mn))
-            for j in range(32):
-                t = np.int64((x[i, j] - mn) * idv + f32(0.5))
-                q[j] = min(15, t) if kind == LEG_Q4_1 else t & 0xFF
-            pos = 4
-        if kind == LEG_Q5_0 or kind == LEG_Q5_1:
-            qh = 0
-            for j in range(32):
-                qh |= ((q[j] >> 4) & 1) << j
-            for k in range(4):
-                out[i, pos + k] = (qh >> (8 * k)) & 0xFF
-            pos += 4
-        for j in range(16):
-            out[i, pos + j] = (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)
+    if kind == LEG_Q8_0:
+        _leg_q8_0(x, out)
+    elif kind == LEG_Q4_0:
+        _leg_q45_0(x, out, 15)
+    elif kind == LEG_Q5_0:
+        _leg_q45_0(x, out, 31)
+    elif kind == LEG_Q4_1:
+        _leg_q45_1(x, out, 15)
+    else:
+        _leg_q45_1(x, out, 31)

@@ -88,6 +88,8 @@ def quantize(x: np.ndarray, qtype, out: np.ndarray | None = None, nthreads: int 
     out_blocks = out.reshape(rows * nb_row, ts)
     fn = _quantizer(name)
     step = max(1, CHUNK_VALUES // bs)
+    if nthreads <= 1 and name in legacy.QUANTIZERS:
+        step = blocks.shape[0]  # no per-chunk temporaries: one call saves the per-call overhead
     starts = range(0, blocks.shape[0], step)
     if nthreads > 1 and len(starts) > 1:
         from concurrent.futures import ThreadPoolExecutor
