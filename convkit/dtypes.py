@@ -62,8 +62,14 @@ def from_torch(dtype: torch.dtype) -> str:
         raise UnknownNameError("dtype", str(dtype), _ST) from None
 
 
+_ITEMSIZE: dict[str, int] = {}
+
+
 def itemsize(st_name: str) -> int:
-    return torch.empty((), dtype=to_torch(st_name)).element_size()
+    n = _ITEMSIZE.get(st_name)
+    if n is None:      # called per chunk on the hot path: build the answer once
+        n = _ITEMSIZE[st_name] = torch.empty((), dtype=to_torch(st_name)).element_size()
+    return n
 
 
 def parse_user(name: str) -> str:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from convkit import tiny
-from convkit.quantize import nf4, quantize
+from convkit.quantize import fp8, nf4, quantize
 from convkit.quantize.rules import rules_for
 
 UNET = "model.diffusion_model."
@@ -87,6 +87,9 @@ def test_fp8_scaled(tmp_path, fmt):
             # absmax maps to 448
             assert abs(float(w8.float().abs().max()) - 448.0) < 1e-3
             assert _rel(w8.float() * s, t) < 0.04, k
+            w_ref, s_ref = fp8.scaled(t, "F8_E4M3")     # the reference formula, same bytes
+            assert torch.equal(w8.view(torch.uint8), w_ref.view(torch.uint8)), k
+            assert torch.equal(s, s_ref), k
             if fmt == "comfy_quant":
                 conf = json.loads(bytes(got[layer + "comfy_quant"].tolist()))
                 assert conf == {"format": "float8_e4m3fn"}

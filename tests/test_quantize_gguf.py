@@ -214,24 +214,6 @@ def test_gguf_matches_kernels_bytes(tmp_path):
     assert checked > 10
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
-def test_fused_decode_error_equals_gguf_py(qtype):
-    """fastops.deq_err_kernel decodes like gguf-py's dequantize (same error sums, exactly)."""
-    from convkit import kernels
-    from convkit.quantize import fastops as fo
-
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal((12, 512)) * 0.02).astype(np.float32)
-    x[0, :256] = 0.0
-    x[1] *= np.float32(1e-6)
-    x[2] *= np.float32(300.0)
-    data = kernels.quantize(x, qtype)
-    bs, ts = kernels.block_info(qtype)
-    want = fo.err_kernel(x.reshape(-1), kernels.dequantize(data, qtype, 512).reshape(-1))
-    got = fo.deq_err_kernel(fo.DEQ_KIND[qtype], data.reshape(-1, ts), x.reshape(-1, bs))
-    assert got == pytest.approx(want, rel=1e-12, abs=0)
-
-
 @functools.lru_cache(maxsize=None)
 def wide_sdxl() -> Path:
     """A tiny SDXL (real classes) whose UNet widths (32/64/128, cross-attn 80) make every

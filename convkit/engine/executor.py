@@ -240,14 +240,19 @@ def _run(plan: Plan, tasks, left, sinks, crcs, workers: int, bar, stats) -> None
         if finished:
             it.op.finish(it)
 
-    def work() -> None:
+    n_workers = min(workers, max(1, len(tasks)))
+    began = [threading.Event() for _ in range(n_workers)]
+    ended = [threading.Event() for _ in range(n_workers)]
+
+    def work(n: int) -> None:
+        began[n].set()
         # torch's intra-op thread count is per thread (OpenMP): a new thread starts with one
         # per core. Kernels run single-threaded in a worker (the workers are the parallelism),
         # which also keeps results independent of the worker count (BLAS/LAPACK round
         # differently on different thread counts).
-        torch.set_num_threads(1)
-        w = Worker()
         try:
+            torch.set_num_threads(1)
+            w = Worker()
             while not stop.is_set():
                 k = next(order)
                 if k >= len(tasks):
@@ -256,20 +261,28 @@ def _run(plan: Plan, tasks, left, sinks, crcs, workers: int, bar, stats) -> None
         except BaseException as e:  # the first one is raised in the caller
             errors.append(e)
             stop.set()
+        finally:
+            ended[n].set()
 
-    pool = [threading.Thread(target=work, name=f"convkit-worker-{n}", daemon=True)
-            for n in range(min(workers, max(1, len(tasks))))]
+    pool = [threading.Thread(target=work, args=(n,), name=f"convkit-worker-{n}", daemon=True)
+            for n in range(n_workers)]
+    launched = 0
     try:
         for t in pool:
             t.start()
-        for t in pool:
-            while t.is_alive():
-                t.join(0.1)
+            launched += 1
+        for e in ended:
+            while not e.wait(0.1):
+                pass
     except BaseException:  # Ctrl-C in the caller: stop the workers before unwinding
         stop.set()
-        for t in pool:
-            if t.ident is not None:      # started (Ctrl-C may come inside start())
-                t.join()
+        # Wait on our own events, not Thread.join: on Python 3.11 a join interrupted by
+        # Ctrl-C can mark a running thread as stopped (bpo-45274's fix releases the lock the
+        # thread still holds), and a worker left running into interpreter shutdown aborts
+        # the process inside torch ("terminate called without an active exception").
+        for n in range(n_workers):
+            if n < launched or (n == launched and began[n].wait(2.0)):
+                ended[n].wait()
         raise
     if errors:
         raise errors[0]

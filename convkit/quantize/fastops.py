@@ -23,8 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from ..kernels._kq_pack import _f32_from_bits as _bits_to_f32
-from ..kernels._kq_pack import fp16_to_fp32
 
 _JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 f32 = np.float32
@@ -144,69 +142,6 @@ def err_lut_kernel(src, codes, lut, scale):
         if a > mx:
             mx = a
     return sd, ss, mx
-
-
-@njit(**_JIT)
-def half_err_kernel(src, bits, bf16, limit):
-    """One pass over a float32 chunk and its fp16 / bf16 cast (``bits``: the uint16 codes):
-    (non-finite count, count of |v| > limit, sum (deq - src)^2, sum src^2, max |deq - src|).
-    Values that overflowed to inf are counted in ``over`` and left out of the sums (the caller
-    clamps and measures again when there are any)."""
-    bad = 0
-    over = 0
-    sd = 0.0
-    ss = 0.0
-    mx = 0.0
-    for i in range(src.shape[0]):
-        v = src[i]
-        if not np.isfinite(v):
-            bad += 1
-            continue
-        if abs(v) > limit:
-            over += 1
-            continue
-        h = np.uint32(bits[i])
-        if bf16:
-            d = _bits_to_f32(np.int32(h << 16))
-        else:
-            d = fp16_to_fp32(h)
-        s = np.float64(v)
-        e = np.float64(d) - s
-        sd += e * e
-        ss += s * s
-        a = abs(e)
-        if a > mx:
-            mx = a
-    return bad, over, sd, ss, mx
-
-
-@njit(**_JIT)
-def lut_check_err_kernel(src, codes, lut, scale, limit):
-    """:func:`check_kernel` and :func:`err_lut_kernel` in one pass, for a chunk already cast:
-    (non-finite count, count of |v| > limit, sum (deq - src)^2, sum src^2, max |deq - src|).
-    Values beyond ``limit`` or not finite are left out of the sums (the caller clamps and
-    measures again when there are any)."""
-    bad = 0
-    over = 0
-    sd = 0.0
-    ss = 0.0
-    mx = 0.0
-    for i in range(src.shape[0]):
-        v = src[i]
-        if not np.isfinite(v):
-            bad += 1
-            continue
-        if abs(v) > limit:
-            over += 1
-            continue
-        s = np.float64(v)
-        d = np.float64(lut[codes[i]] * scale) - s
-        sd += d * d
-        ss += s * s
-        a = abs(d)
-        if a > mx:
-            mx = a
-    return bad, over, sd, ss, mx
 
 
 class ErrSums:
@@ -333,100 +268,3 @@ def bnb4_err_kernel(src, start, stop, packed, absmax, code):
         if a > mx:
             mx = a
     return sd, ss, mx
-
-
-# ----------------------------------------------------------------------------- GGUF decode + error
-
-@njit(inline="always", **_JIT)
-def _h2f(lo, hi):
-    """IEEE half (two little-endian bytes) -> float32, exact (ggml's GGML_FP16_TO_FP32)."""
-    return fp16_to_fp32(np.int64(lo) | (np.int64(hi) << 8))
-
-
-@njit(inline="always", **_JIT)
-def _scale_min_k4(j, sc):
-    if j < 4:
-        return np.int64(sc[j] & 63), np.int64(sc[j + 4] & 63)
-    d = (np.int64(sc[j + 4]) & 0xF) | ((np.int64(sc[j - 4]) >> 6) << 4)
-    m = (np.int64(sc[j + 4]) >> 4) | ((np.int64(sc[j]) >> 6) << 4)
-    return d, m
-
-
-@njit(**_JIT)
-def deq_err_kernel(kind, data, x):
-    """Error sums of GGML blocks ``data`` (uint8, nblocks x type_size) decoded like ggml's
-    ``dequantize_row_*`` against ``x`` (float32, nblocks x block_size).
-    kind: 0 Q8_0, 4 Q4_K, 5 Q5_K, 6 Q6_K."""
-    sd = 0.0
-    ss = 0.0
-    mx = 0.0
-    nb = data.shape[0]
-    bs = x.shape[1]
-    y = np.empty(bs, np.float32)
-    s = np.empty(4, np.int64)
-    for b in range(nb):
-        q = data[b]
-        if kind == 0:
-            d = _h2f(q[0], q[1])
-            for i in range(32):
-                v = np.int64(q[2 + i])
-                if v > 127:
-                    v -= 256
-                y[i] = d * f32(v)
-        elif kind == 4 or kind == 5:
-            d = _h2f(q[0], q[1])
-            dmin = _h2f(q[2], q[3])
-            sc = q[4:16]
-            qs = q[48:176] if kind == 5 else q[16:144]
-            qh = q[16:48]
-            for g in range(4):
-                s1, m1 = _scale_min_k4(2 * g, sc)
-                s2, m2 = _scale_min_k4(2 * g + 1, sc)
-                d1 = d * f32(s1)
-                mm1 = dmin * f32(m1)
-                d2 = d * f32(s2)
-                mm2 = dmin * f32(m2)
-                for l in range(32):
-                    lo = np.int64(qs[32 * g + l]) & 0xF
-                    hi = np.int64(qs[32 * g + l]) >> 4
-                    if kind == 5:
-                        h = np.int64(qh[l])
-                        lo += 16 if (h >> (2 * g)) & 1 else 0
-                        hi += 16 if (h >> (2 * g + 1)) & 1 else 0
-                    y[64 * g + l] = d1 * f32(lo) - mm1
-                    y[64 * g + 32 + l] = d2 * f32(hi) - mm2
-        else:
-            d = _h2f(q[208], q[209])
-            for half in range(2):
-                ql0 = 64 * half
-                qh0 = 128 + 32 * half
-                sc0 = 192 + 8 * half
-                for l in range(32):
-                    isc = l // 16
-                    a = np.int64(q[ql0 + l])
-                    a2 = np.int64(q[ql0 + l + 32])
-                    h = np.int64(q[qh0 + l])
-                    q1 = ((a & 0xF) | (((h >> 0) & 3) << 4)) - 32
-                    q2 = ((a2 & 0xF) | (((h >> 2) & 3) << 4)) - 32
-                    q3 = ((a >> 4) | (((h >> 4) & 3) << 4)) - 32
-                    q4 = ((a2 >> 4) | (((h >> 6) & 3) << 4)) - 32
-                    for k in range(4):
-                        v = np.int64(q[sc0 + isc + 2 * k])
-                        s[k] = v - 256 if v > 127 else v
-                    y[128 * half + l] = d * f32(s[0]) * f32(q1)
-                    y[128 * half + l + 32] = d * f32(s[1]) * f32(q2)
-                    y[128 * half + l + 64] = d * f32(s[2]) * f32(q3)
-                    y[128 * half + l + 96] = d * f32(s[3]) * f32(q4)
-        for i in range(bs):
-            s_ = np.float64(x[b, i])
-            dd = np.float64(y[i]) - s_
-            sd += dd * dd
-            ss += s_ * s_
-            a_ = abs(dd)
-            if a_ > mx:
-                mx = a_
-    return sd, ss, mx
-
-
-#: GGML types with a fused decode + error kernel (others: gguf-py's dequantize, then err_kernel)
-DEQ_KIND = {"Q8_0": 0, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
