@@ -99,6 +99,29 @@ def encoded(base, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def decoded(encoded, tmp_path_factory):
+    """name -> the encoded input converted to fp32 (made once per encoding, lazily): what
+    every matrix step must equal when it reads the encoded input directly."""
+    d = tmp_path_factory.mktemp("decoded")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = encoded(name)
+            out = d / (name if path.is_dir() else f"{name}.safetensors")
+            convert(path, out, "fp32")
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def base_logical(base):
+    return _logical(base[1])
+
+
 def _storage_bound(path: Path) -> float:
     """The worst relative RMSE the input's own quant report states (0 for float inputs)."""
     with open_source(path) as s:
@@ -276,9 +299,9 @@ MATRIX_INPUTS = list(ENCODINGS)
 
 
 @pytest.mark.parametrize("enc", MATRIX_INPUTS)
-def test_matrix_view_decodes_within_the_inputs_bound(enc, base, encoded):
+def test_matrix_view_decodes_within_the_inputs_bound(enc, base_logical, encoded):
     path = encoded(enc)
-    ref = _logical(base[1]) if enc != "quanto-int8" else None
+    ref = base_logical if enc != "quanto-int8" else None
     with open_source(path) as s:
         stored = s.encodings()
         want = STORED.get(enc) or (enc.split("-")[1] if enc.startswith("gguf-") else None)
@@ -302,10 +325,9 @@ def test_matrix_view_decodes_within_the_inputs_bound(enc, base, encoded):
 
 
 @pytest.mark.parametrize("enc", MATRIX_INPUTS)
-def test_matrix_convert_fp32(enc, encoded, tmp_path):
+def test_matrix_convert_fp32(enc, encoded, decoded):
     path = encoded(enc)
-    out = tmp_path / ("out" if path.is_dir() else "out.safetensors")
-    convert(path, out, "fp32")
+    out = decoded(enc)              # convert(path, out, "fp32"), shared with the other steps
     files = [out] if out.is_file() else sorted(out.rglob("*.safetensors"))
     for f in files:
         _assert_float_output(f)
@@ -317,15 +339,14 @@ def test_matrix_convert_fp32(enc, encoded, tmp_path):
 
 
 @pytest.mark.parametrize("enc", MATRIX_INPUTS)
-def test_matrix_merge_lora_fp32(enc, encoded, lora, tmp_path):
+def test_matrix_merge_lora_fp32(enc, encoded, decoded, lora, tmp_path):
     path = encoded(enc)
     out = tmp_path / ("out" if path.is_dir() else "out.safetensors")
     merge_lora(path, [lora], out, dtype="fp32")
     files = [out] if out.is_file() else sorted(out.rglob("*.safetensors"))
     for f in files:
         _assert_float_output(f)
-    deq = tmp_path / ("deq" if path.is_dir() else "deq.safetensors")
-    convert(path, deq, "fp32")
+    deq = decoded(enc)
     two = tmp_path / ("two" if path.is_dir() else "two.safetensors")
     merge_lora(deq, [lora], two, dtype="fp32")
     a, b = _logical(out), _logical(two)
@@ -333,13 +354,12 @@ def test_matrix_merge_lora_fp32(enc, encoded, lora, tmp_path):
 
 
 @pytest.mark.parametrize("enc", [e for e in MATRIX_INPUTS if e != "quanto-int8"])
-def test_matrix_extract_against_fp32_base(enc, base, encoded, tmp_path):
+def test_matrix_extract_against_fp32_base(enc, base, encoded, decoded, tmp_path):
     """TUNED = the encoded model, BASE = the fp32 source: the LoRA is made from the decoded
     weights (the same factors as from TUNED converted to fp32 first)."""
     path = encoded(enc)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    deq = tmp_path / ("deq" if path.is_dir() else "deq.safetensors")
-    convert(path, deq, "fp32")
+    deq = decoded(enc)
     try:
         ra = extract_lora(path, base[1], a, rank=4, dtype="fp32", components=["unet"])
     except Exception as e:      # a lossless input differs in nothing: refused for both
@@ -355,20 +375,18 @@ def test_matrix_extract_against_fp32_base(enc, base, encoded, tmp_path):
 
 
 @pytest.mark.parametrize("enc", MATRIX_INPUTS)
-def test_matrix_quantize_gguf_q8_0(enc, base, encoded, tmp_path):
+def test_matrix_quantize_gguf_q8_0(enc, base_logical, encoded, decoded, tmp_path):
     path = encoded(enc)
     out, two = tmp_path / "out.gguf", tmp_path / "two.gguf"
     r = quantize(path, out, "gguf:Q8_0")
-    deq = tmp_path / ("deq" if path.is_dir() else "deq.safetensors")
-    convert(path, deq, "fp32")
-    quantize(deq, two, "gguf:Q8_0")
+    quantize(decoded(enc), two, "gguf:Q8_0")
     a, b = _logical(out), _logical(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), enc
     meta = _metadata(out)
     assert meta["convkit.quantization"] == "gguf:Q8_0"
     assert r.report.summary(0)["max_rel_rmse"] < 0.02
     if enc != "quanto-int8":
-        ref = _logical(base[1])
+        ref = base_logical
         bound = _storage_bound(path) + 0.02
         for k in a:
             src_k = k if k in ref else UNET + k
