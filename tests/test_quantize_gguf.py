@@ -221,12 +221,14 @@ def wide_sdxl() -> Path:
     or through the comfy rows-of-256 rearrangement), not their fallbacks."""
     import copy
 
+    from convkit.models import instantiate
+
     s = copy.deepcopy(tiny.spec("sdxl"))
     s["components"]["unet"]["config"].update(block_out_channels=[32, 64, 128],
                                              attention_head_dim=[2, 4, 8])
     comps = {}
     for i, (name, c) in enumerate(s["components"].items()):
-        m = tiny._instantiate(c["class"], c["config"])
+        m = instantiate(c["class"], c["config"])
         tiny._reinit(m, i)
         comps[name] = m.eval()
     d = Path(tempfile.mkdtemp(prefix="convkit-q-wide-"))

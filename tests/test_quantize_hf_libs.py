@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from convkit import tiny
 from convkit.cli import main
-from convkit.errors import OutputExistsError, TensorValueError, UsageError
+from convkit.errors import InputFormatError, OutputExistsError, TensorValueError, UsageError
 from convkit.quantize import parse_target, quantize
 from convkit.quantize import hf_backends
 from convkit.quantize.hf_libs import quantize_hf
@@ -295,14 +295,15 @@ def test_atomic_overwrite_dry_run_nan(tmp_path):
 
 
 def test_unknown_size_single_file_needs_a_config(sdxl, tmp_path):
-    """A single file of a size convkit has no config for: refused, saying what to do."""
+    """A single file whose shapes fit no known config and no config inferred from them (one
+    cross-attention layer wider than the others): refused, saying what to do."""
     model, _, _, _ = sdxl
     big = tiny.build_copy(model)
     sd = tiny.state_dict_single_file(big)
     k = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
     sd[k] = torch.zeros(sd[k].shape[0], sd[k].shape[1] + 8)
     st.save_file(sd, tmp_path / "odd.safetensors")
-    with pytest.raises(UsageError, match="cannot tell the diffusers config"):
+    with pytest.raises(InputFormatError, match="cannot tell the config.*quantize its diffusers"):
         quantize(tmp_path / "odd.safetensors", tmp_path / "x", "quanto:int8")
     # the library API takes the config; a config that does not fit is named with the tensor
     _, single, folder, _ = sdxl

@@ -250,6 +250,7 @@ def _run(plan: Plan, tasks, left, sinks, crcs, workers: int, bar, stats) -> None
         # per core. Kernels run single-threaded in a worker (the workers are the parallelism),
         # which also keeps results independent of the worker count (BLAS/LAPACK round
         # differently on different thread counts).
+        w = None
         try:
             torch.set_num_threads(1)
             w = Worker()
@@ -262,6 +263,9 @@ def _run(plan: Plan, tasks, left, sinks, crcs, workers: int, bar, stats) -> None
             errors.append(e)
             stop.set()
         finally:
+            # free the buffers (torch releases the GIL while it does) before saying "ended":
+            # after that the caller may shut the interpreter down
+            w = None
             ended[n].set()
 
     pool = [threading.Thread(target=work, args=(n,), name=f"convkit-worker-{n}", daemon=True)
@@ -283,6 +287,8 @@ def _run(plan: Plan, tasks, left, sinks, crcs, workers: int, bar, stats) -> None
         for n in range(n_workers):
             if n < launched or (n == launched and began[n].wait(2.0)):
                 ended[n].wait()
+        for t in pool[:launched]:
+            t.join()            # what is left of the thread: returning from work()
         raise
     if errors:
         raise errors[0]

@@ -19,22 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes, keymap
+from .. import dtypes
 from ..errors import InputFormatError, UsageError
-from ..keymap import _bwd
-
-
-@dataclass
-class DTensor:
-    """One tensor of the diffusers state dict and where it comes from."""
-
-    name: str                       # diffusers name, e.g. "down_blocks.1.attentions.0.proj_in.weight"
-    key: str                        # source key holding it
-    shape: tuple[int, ...]
-    dtype: str                      # source dtype (safetensors name)
-    transform: str | None = None    # keymap transform single file -> diffusers
-    part: tuple[int, int] | None = None   # rows [a, b) of the (transformed) fused source tensor
-    src_bytes: int = 0
+from ..keymap import _bwd  # noqa: F401  (hf_libs decodes through it)
+from ..loading import DTensor, component_tensors
 
 
 @dataclass
@@ -79,55 +67,6 @@ def _read_config(path: Path) -> dict:
     return d
 
 
-def _component_tensors(src, det, comp: str) -> list[DTensor]:
-    """The component's tensors under diffusers names, in source order."""
-    keys = set(det.component_keys.get(comp, []))
-    prefix = det.layout.prefixes.get(comp, "")
-    ordered = [k for k in src.keys() if k in keys]
-    out: list[DTensor] = []
-    if det.layout.naming == "diffusers":
-        for k in ordered:
-            info = src.info(k)
-            out.append(DTensor(k[len(prefix):], k, tuple(info.shape), info.dtype,
-                               src_bytes=info.nbytes))
-        return out
-    kind = det.arch.components[comp].keymap
-    rels = {k[len(prefix):]: k for k in ordered}
-    shapes = {r: tuple(src.info(k).shape) for r, k in rels.items()}
-    meta = {r: torch.empty(sh, device="meta") for r, sh in shapes.items()}
-    km = keymap.get_map(kind, None, names=list(rels), side="s", sd=meta)
-    for rel, name, transform, rows in keymap.diffusers_recipes(kind, km, shapes,
-                                                                where=f" of '{comp}'"):
-        k = rels[rel]
-        info = src.info(k)
-        shape = tuple(_bwd(transform, meta[rel]).shape)
-        if rows is None:
-            out.append(DTensor(name, k, shape, info.dtype, transform, src_bytes=info.nbytes))
-        else:
-            n = rows[1] - rows[0]
-            out.append(DTensor(name, k, (n, *shape[1:]), info.dtype, transform, rows,
-                               src_bytes=info.nbytes * n // max(shape[0], 1)))
-    return out
-
-
-def _candidates(arch: str, comp: str):
-    """(description, config) pairs to try for a single file, most likely first."""
-    from ..keymap._data import load_config
-
-    try:
-        yield f"the released {arch} {comp} config (formats/configs/{arch}/{comp}.json)", \
-            dict(load_config(arch, comp))
-    except OSError:
-        pass
-    from .. import tiny
-
-    try:
-        c = tiny.spec(arch)["components"][comp]
-    except (KeyError, LookupError):
-        return
-    yield f"convkit's tiny {arch} test model config", {"_class_name": c["class"], **c["config"]}
-
-
 def _mismatch(meta: torch.nn.Module, tensors: list[DTensor]) -> list[str]:
     want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     got = {t.name: t.shape for t in tensors}
@@ -144,7 +83,7 @@ def resolve(src, det, raw, config: dict | str | os.PathLike | None = None) -> Mo
     if not det.component_keys.get(comp):
         raise UsageError(f"no diffusion model ({comp}) in this input; it has: "
                          f"{', '.join(det.component_keys) or 'nothing known'}", path=src.path)
-    tensors = _component_tensors(src, det, comp)
+    tensors = component_tensors(src, det, comp)
     given: list[tuple[str, dict]] = []
     if isinstance(config, dict):
         given.append(("the config passed in", dict(config)))
@@ -167,15 +106,13 @@ def resolve(src, det, raw, config: dict | str | os.PathLike | None = None) -> Mo
                                    + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
                                    path=src.path)
         return ModelInput(cfg["_class_name"], cfg, where, tensors, m)
-    for where, cfg in _candidates(det.arch.name, comp):
-        m = meta_model(cfg["_class_name"], cfg)
-        if not _mismatch(m, tensors):
-            return ModelInput(cfg["_class_name"], cfg, where, tensors, m)
-    raise UsageError(f"cannot tell the diffusers config of this {det.arch.name} {comp}: its "
-                     "tensor shapes fit neither the released model nor convkit's tiny model",
-                     path=src.path, hint=f"quantize its diffusers folder instead (the config.json "
-                                         f"of {comp}/ is used), or call convkit.quantize.hf_libs."
-                                         f"quantize_hf(..., config=<its config.json>)")
+    from .. import configs
+
+    r = configs.resolve(det.arch.name, comp, {t.name: t.shape for t in tensors}, path=src.path,
+                        hint=f"quantize its diffusers folder instead (the config.json of {comp}/ "
+                             "is used), or call convkit.quantize.hf_libs.quantize_hf(..., "
+                             "config=<its config.json>)")
+    return ModelInput(r.class_name, r.config, r.source, tensors, meta_model(r.class_name, r.config))
 
 
 def model_dtype(tensors: list[DTensor], rest: str | None) -> str:

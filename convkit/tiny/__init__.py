@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import keymap
+from ..models import instantiate
 
 ARCHS = ("sd15", "sdxl", "sdxl_refiner", "flux_dev", "flux_schnell")
 
@@ -48,21 +49,6 @@ def spec(arch: str) -> dict:
         return json.load(f)
 
 
-def _class(name: str):
-    import diffusers
-    import transformers
-
-    return getattr(diffusers, name, None) or getattr(transformers, name)
-
-
-def _instantiate(cls_name: str, config: dict) -> torch.nn.Module:
-    cls = _class(cls_name)
-    if hasattr(cls, "config_class") and getattr(cls, "config_class", None) is not None and \
-            cls.__module__.startswith("transformers"):
-        return cls(cls.config_class(**config))
-    return cls(**config)
-
-
 def _reinit(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -79,7 +65,7 @@ def build(arch: str, seed: int = 0) -> TinyModel:
     torch.manual_seed(seed)
     comps = {}
     for i, (name, c) in enumerate(s["components"].items()):
-        m = _instantiate(c["class"], c["config"])
+        m = instantiate(c["class"], c["config"])
         _reinit(m, seed * 1000 + i)
         m.eval()
         comps[name] = m

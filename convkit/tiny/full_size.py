@@ -12,7 +12,8 @@ import torch
 
 from .. import keymap
 from ..keymap._data import load_config
-from . import _class, component_state_dict
+from ..models import instantiate
+from . import component_state_dict
 
 
 def full_size_config(arch: str, component: str) -> dict:
@@ -24,12 +25,8 @@ def full_size_config(arch: str, component: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def _meta_component(arch: str, component: str) -> torch.nn.Module:
     raw = load_config(arch, component)
-    cls = _class(raw["_class_name"])
-    cfg = full_size_config(arch, component)
     with torch.device("meta"):
-        if cls.__module__.startswith("transformers"):
-            return cls(cls.config_class(**cfg))
-        return cls(**cfg)
+        return instantiate(raw["_class_name"], full_size_config(arch, component))
 
 
 def meta_state_dicts(arch: str, layout: str | None = None) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,0 +1,112 @@
+"""A component of any artifact convkit reads, as a real diffusers/transformers module.
+
+:func:`component_tensors` lists a component's tensors under diffusers names (a single file's
+SGM/LDM, BFL or ComfyUI names mapped through :mod:`convkit.keymap`; a fused tensor such as
+Flux ``qkv`` read once and split), read lazily through the logical-weights view, so any
+encoding (fp8, scaled fp8, NF4, GGUF, ...) arrives as float values. :func:`load_component`
+builds the module from the config :mod:`convkit.configs` resolves (given, known, or inferred
+from the shapes) on the meta device and assigns the decoded weights: nothing is allocated
+twice and no weight is initialised only to be overwritten.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import configs, keymap
+from .errors import InputFormatError, UsageError
+from .keymap import _bwd
+from .models import align_names, instantiate
+
+
+@dataclass
+class DTensor:
+    """One tensor of the diffusers state dict and where it comes from."""
+
+    name: str                       # diffusers name, e.g. "down_blocks.1.attentions.0.proj_in.weight"
+    key: str                        # source key holding it
+    shape: tuple[int, ...]
+    dtype: str                      # source dtype (safetensors name)
+    transform: str | None = None    # keymap transform single file -> diffusers
+    part: tuple[int, int] | None = None   # rows [a, b) of the (transformed) fused source tensor
+    src_bytes: int = 0
+
+
+def component_tensors(src, det, comp: str) -> list[DTensor]:
+    """The component's tensors under diffusers names, in source order."""
+    keys = set(det.component_keys.get(comp, []))
+    prefix = det.layout.prefixes.get(comp, "")
+    ordered = [k for k in src.keys() if k in keys]
+    out: list[DTensor] = []
+    if det.layout.naming == "diffusers":
+        for k in ordered:
+            info = src.info(k)
+            out.append(DTensor(k[len(prefix):], k, tuple(info.shape), info.dtype,
+                               src_bytes=info.nbytes))
+        return out
+    kind = det.arch.components[comp].keymap
+    rels = {k[len(prefix):]: k for k in ordered}
+    shapes = {r: tuple(src.info(k).shape) for r, k in rels.items()}
+    meta = {r: torch.empty(sh, device="meta") for r, sh in shapes.items()}
+    km = keymap.get_map(kind, None, names=list(rels), side="s", sd=meta)
+    for rel, name, transform, rows in keymap.diffusers_recipes(kind, km, shapes,
+                                                                where=f" of '{comp}'"):
+        k = rels[rel]
+        info = src.info(k)
+        shape = tuple(_bwd(transform, meta[rel]).shape)
+        if rows is None:
+            out.append(DTensor(name, k, shape, info.dtype, transform, src_bytes=info.nbytes))
+        else:
+            n = rows[1] - rows[0]
+            out.append(DTensor(name, k, (n, *shape[1:]), info.dtype, transform, rows,
+                               src_bytes=info.nbytes * n // max(shape[0], 1)))
+    return out
+
+
+def load_tensor(src, t: DTensor) -> torch.Tensor:
+    """The logical (decoded) value of one diffusers-named tensor."""
+    v = _bwd(t.transform, src.load(t.key))
+    return v if t.part is None else v[t.part[0]:t.part[1]]
+
+
+def load_component(src, det, comp: str, *, config: dict | None = None,
+                   config_source: str = "--config-from", dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.nn.Module, configs.ResolvedConfig]:
+    """``comp`` of ``src`` as an eval-mode module holding the decoded weights in ``dtype``."""
+    if not det.component_keys.get(comp):
+        raise UsageError(f"no '{comp}' in this input; it has: "
+                         f"{', '.join(det.component_keys) or 'nothing known'}", path=src.path)
+    tensors = component_tensors(src, det, comp)
+    r = configs.resolve(det.arch.name, comp, {t.name: t.shape for t in tensors}, given=config,
+                        given_source=config_source, path=src.path)
+    with torch.device("meta"):
+        m = instantiate(r.class_name, r.config)
+    names = align_names(m.state_dict().keys(), [t.name for t in tensors])
+    sd = {}
+    for t in tensors:
+        v = load_tensor(src, t)
+        sd[names[t.name]] = v.to(dtype) if v.is_floating_point() else v
+    m.load_state_dict(sd, strict=False, assign=True)
+    _materialise_buffers(m, src.path, comp)
+    return m.eval(), r
+
+
+def _materialise_buffers(m: torch.nn.Module, path, comp: str) -> None:
+    """Buffers a file does not carry (transformers keeps ``position_ids`` out of the state
+    dict) are still on the meta device after assignment: recreate the known ones."""
+    for name, buf in list(m.named_buffers()):
+        if buf.device.type != "meta":
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = m.get_submodule(owner_name) if owner_name else m
+        if leaf == "position_ids":
+            new = torch.arange(buf.shape[-1], dtype=buf.dtype).expand(buf.shape).contiguous()
+        else:
+            raise InputFormatError(f"'{comp}' has no value for its buffer '{name}'", path=path)
+        persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", set())
+        owner.register_buffer(leaf, new, persistent=persistent)
+    missing = [n for n, p in m.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise InputFormatError(f"'{comp}' lacks {len(missing)} weights, e.g. {missing[0]}",
+                               path=path)

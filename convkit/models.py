@@ -1,0 +1,70 @@
+"""The real diffusers/transformers model classes, by name: build one from a config, or only
+its parameter names and shapes (on the meta device: no memory, no weights)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import UsageError
+
+
+def model_class(name: str):
+    import diffusers
+    import transformers
+
+    cls = getattr(diffusers, name, None) or getattr(transformers, name, None)
+    if cls is None or not isinstance(cls, type):
+        raise UsageError(f"neither diffusers nor transformers has a model class '{name}'")
+    return cls
+
+
+def _public(config: dict) -> dict:
+    return {k: v for k, v in config.items()
+            if not k.startswith("_") and k not in ("quantization_config", "architectures")}
+
+
+def instantiate(cls_name: str, config: dict) -> torch.nn.Module:
+    """``cls_name`` built from ``config`` (diffusers: keyword arguments; transformers: its
+    config class), on the current default device."""
+    cls = model_class(cls_name)
+    cfg = _public(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cls.__module__.startswith("transformers"):
+            return cls(cls.config_class(**cfg))
+        return cls(**cfg)
+
+
+def meta_shapes(cls_name: str, config: dict) -> dict[str, tuple[int, ...]]:
+    """``{parameter or buffer name: shape}`` of the model the config describes, as its
+    ``state_dict`` names them (built on the meta device)."""
+    with torch.device("meta"):
+        m = instantiate(cls_name, config)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+# transformers 5 dropped the ``text_model.`` wrapper of CLIPTextModel's state dict; files saved
+# by transformers 4 (every text encoder on the Hub) still carry it. Either spelling is accepted.
+_WRAPPERS = ("text_model.",)
+
+
+def align_names(expected, names) -> dict[str, str]:
+    """``{name in the file: name in the model}`` for names that differ only by a wrapper
+    prefix the installed transformers does (not) use; names that match stay as they are."""
+    expected = set(expected)
+    out = {}
+    for n in names:
+        if n in expected:
+            out[n] = n
+            continue
+        for w in _WRAPPERS:
+            if n.startswith(w) and n[len(w):] in expected:
+                out[n] = n[len(w):]
+                break
+            if w + n in expected:
+                out[n] = w + n
+                break
+        else:
+            out[n] = n
+    return out
