@@ -22,6 +22,7 @@ class Component:
     params: int | None   # full-size released model (diffusers parameter count)
     keymap: str = ""     # key map kind in formats/keymaps (unet, vae, clip_l, openclip, t5, flux)
     buffers: tuple[str, ...] = ()  # tensors files carry that are not parameters (name suffixes)
+    tokenizer: str = ""  # a text encoder's tokenizer kind (formats/tokenizers: clip_l, clip_g; t5)
 
     def is_buffer(self, key: str) -> bool:
         return key.endswith(self.buffers) if self.buffers else False
@@ -61,7 +62,7 @@ class Arch:
 
 def _parse(d: dict, filename: str) -> Arch:
     comps = {n: Component(n, c["kind"], tuple(c.get("aliases", [])), c.get("params"),
-                          c.get("keymap", ""), tuple(c.get("buffers", [])))
+                          c.get("keymap", ""), tuple(c.get("buffers", [])), c.get("tokenizer", ""))
              for n, c in d["components"].items()}
     layouts = tuple(Layout(x["name"], x["naming"], dict(x["prefixes"]), x.get("folder", False),
                            x.get("title", "")) for x in d["layouts"])

@@ -1,0 +1,116 @@
+"""Any artifact convkit reads, as the diffusers pipeline a user would render it with.
+
+Every model component comes through the logical-weights view (:mod:`convkit.loading`: any
+encoding, decoded; configs given, known or inferred), a component the artifact lacks from
+``base`` (a UNet-only file plus the model it belongs to). Tokenizers and the scheduler come from
+the first folder that has them — ``config_from``, the artifact, ``base`` — else from what
+convkit ships (``formats/tokenizers/``, ``formats/configs/<arch>/scheduler.json``); nothing is
+downloaded.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from . import archs, data
+from .errors import UsageError
+from .loading import load_component
+from .sources import open_source
+
+
+def _folders(*paths) -> list[Path]:
+    return [Path(p) for p in paths if p is not None and Path(p).is_dir()]
+
+
+def _component_config(folders: list[Path], comp: str) -> tuple[dict | None, str]:
+    for f in folders:
+        p = f / comp / "config.json"
+        if p.is_file():
+            cfg = json.loads(p.read_text())
+            if "_class_name" not in cfg and cfg.get("architectures"):
+                cfg["_class_name"] = cfg["architectures"][0]
+            return cfg, str(p)
+    return None, ""
+
+
+def tokenizer_for(arch: archs.Arch, comp: str, folders: list[Path]):
+    from transformers import AutoTokenizer
+
+    folder_name = comp.replace("text_encoder", "tokenizer")
+    for f in folders:
+        if (f / folder_name).is_dir():
+            return AutoTokenizer.from_pretrained(str(f / folder_name), local_files_only=True)
+    kind = arch.components[comp].tokenizer
+    from . import tokenizers
+
+    if kind in tokenizers.kinds():
+        return tokenizers.clip_tokenizer(kind)
+    raise UsageError(f"no tokenizer for {arch.name}'s {comp} ({kind or 'unknown kind'}): convkit "
+                     "ships CLIP's only", hint=f"give a model folder with {folder_name}/ as "
+                                               "--config-from")
+
+
+def scheduler_for(arch: archs.Arch, folders: list[Path], **overrides):
+    import diffusers
+
+    cfg = None
+    for f in folders:
+        p = f / "scheduler" / "scheduler_config.json"
+        if p.is_file():
+            cfg = json.loads(p.read_text())
+            break
+    if cfg is None:
+        try:
+            cfg = dict(data.load_json(f"configs/{arch.name}/scheduler.json"))
+        except OSError:
+            raise UsageError(f"no scheduler config known for {arch.name}",
+                             hint="give a model folder with scheduler/ as --config-from") from None
+    cls = getattr(diffusers, cfg["_class_name"])
+    return cls.from_config({**cfg, **overrides})
+
+
+def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torch.float32,
+                 scheduler_overrides: dict | None = None):
+    """The diffusers pipeline of ``path`` (components missing from it taken from ``base``)."""
+    import diffusers
+
+    folders = _folders(config_from, path, base)
+    with ExitStack() as stack:
+        src = stack.enter_context(open_source(path))
+        det = archs.detect(src)
+        arch = det.arch
+        bsrc = bdet = None
+        if base is not None:
+            bsrc = stack.enter_context(open_source(base))
+            bdet = archs.detect(bsrc)
+            if bdet.arch.name != arch.name:
+                raise UsageError(f"the artifact is {arch.title}, --base is {bdet.arch.title}",
+                                 path=path)
+        kwargs = {}
+        for comp in arch.components:
+            cfg, where = _component_config(folders, comp)
+            if det.component_keys.get(comp):
+                s, d = src, det
+            elif bdet is not None and bdet.component_keys.get(comp):
+                s, d = bsrc, bdet
+            else:
+                raise UsageError(f"no '{comp}' in this file" + ("" if base is None else
+                                                              " nor in --base"),
+                                 path=path, hint="give the full model it belongs to as --base")
+            kwargs[comp], _ = load_component(s, d, comp, config=cfg, config_source=where,
+                                             dtype=dtype)
+            if arch.components[comp].kind == "text_encoder":
+                kwargs[comp.replace("text_encoder", "tokenizer")] = tokenizer_for(arch, comp,
+                                                                                  folders)
+    kwargs["scheduler"] = scheduler_for(arch, folders, **(scheduler_overrides or {}))
+    cls = getattr(diffusers, arch.pipeline)
+    params = inspect.signature(cls.__init__).parameters
+    for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder",
+                "feature_extractor", "safety_checker"):
+        if opt in params and opt not in kwargs:
+            kwargs[opt] = None
+    return cls(**{k: v for k, v in kwargs.items() if k in params})
