@@ -129,12 +129,12 @@ def _indices(shapes: Shapes, pattern: str) -> list[int]:
 
 
 def _unet(arch: str, cfg: dict, s: Shapes) -> dict:
-    levels = _indices(s, r"down_blocks\.(\d+)\.")
-    n = len(levels)
-    lpb = len(_indices(s, r"down_blocks\.0\.resnets\.(\d+)\."))
+    from .keymap.unet import UNetStructure
+
+    st = UNetStructure.from_diffusers_names(s)       # levels, layers, where attention sits
+    n, lpb = st.levels, st.layers_per_block
+    down_attn, up_attn = list(st.down_attn), list(st.up_attn)
     chans = [s[f"down_blocks.{l}.resnets.0.conv2.weight"][0] for l in range(n)]
-    down_attn = [f"down_blocks.{l}.attentions.0.proj_in.weight" in s for l in range(n)]
-    up_attn = [f"up_blocks.{u}.attentions.0.proj_in.weight" in s for u in range(n)]
     depth = [len(_indices(s, rf"down_blocks\.{l}\.attentions\.0\.transformer_blocks\.(\d+)\."))
              for l in range(n)]
     mid_depth = len(_indices(s, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
@@ -145,11 +145,8 @@ def _unet(arch: str, cfg: dict, s: Shapes) -> dict:
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
         norm_num_groups=_groups(chans, cfg.get("norm_num_groups")),
     )
-    if any(k.startswith("mid_block.") for k in s):
-        cfg["mid_block_type"] = ("UNetMidBlock2DCrossAttn" if mid_depth
-                                 else "UNetMidBlock2D")
-    else:
-        cfg["mid_block_type"] = None
+    cfg["mid_block_type"] = (None if not st.has_mid else
+                             "UNetMidBlock2DCrossAttn" if st.mid_attn else "UNetMidBlock2D")
     proj = next((v for k, v in s.items() if k.endswith("attentions.0.proj_in.weight")), None)
     if proj is not None:
         cfg["use_linear_projection"] = len(proj) == 2
@@ -172,12 +169,13 @@ def _unet(arch: str, cfg: dict, s: Shapes) -> dict:
             cfg["reverse_transformer_layers_per_block"] = up
         else:
             cfg.pop("reverse_transformer_layers_per_block", None)
-    heads = _rules()["unet_heads"].get(arch, {"head_width": 64})
+    rules = _rules()["unet_heads"]
+    heads = rules.get(arch, rules["default"])
     if "heads" in heads:
         cfg["attention_head_dim"] = heads["heads"]
     else:
         cfg["attention_head_dim"] = [max(1, c // heads["head_width"]) for c in chans]
-    if "add_embedding.linear_1.weight" in s:
+    if st.add_embedding:
         cfg["addition_embed_type"] = "text_time"
         cfg["projection_class_embeddings_input_dim"] = s["add_embedding.linear_1.weight"][1]
     te = s.get("time_embedding.linear_1.weight")
@@ -195,9 +193,10 @@ def _clip_text(arch: str, cfg: dict, s: Shapes) -> dict:
     width = tok[1]
     cfg.update(vocab_size=tok[0], hidden_size=width, max_position_embeddings=pos[0],
                num_hidden_layers=len(layers), intermediate_size=fc1[0])
-    hw = _rules()["text_encoder_heads"]["head_width"]
-    cfg["num_attention_heads"] = max(1, width // hw) if width % hw == 0 else \
-        next(h for h in (16, 12, 8, 4, 2, 1) if width % h == 0)
+    rule = _rules()["text_encoder_heads"]
+    hw = rule["head_width"]
+    cfg["num_attention_heads"] = width // hw if width % hw == 0 else \
+        next(h for h in rule["fallback_heads"] if width % h == 0)
     if "text_projection.weight" in s:
         cfg["projection_dim"] = s["text_projection.weight"][0]
     return cfg

@@ -17,7 +17,7 @@ import torch
 from . import configs, keymap
 from .errors import InputFormatError, UsageError
 from .keymap import _bwd
-from .models import align_names, instantiate
+from .models import align_names, meta_model
 
 
 @dataclass
@@ -64,9 +64,10 @@ def component_tensors(src, det, comp: str) -> list[DTensor]:
     return out
 
 
-def load_tensor(src, t: DTensor) -> torch.Tensor:
-    """The logical (decoded) value of one diffusers-named tensor."""
-    v = _bwd(t.transform, src.load(t.key))
+def load_tensor(src, t: DTensor, loaded: torch.Tensor | None = None) -> torch.Tensor:
+    """The logical (decoded) value of one diffusers-named tensor (``loaded``: its source
+    tensor, already read)."""
+    v = _bwd(t.transform, src.load(t.key) if loaded is None else loaded)
     return v if t.part is None else v[t.part[0]:t.part[1]]
 
 
@@ -80,12 +81,15 @@ def load_component(src, det, comp: str, *, config: dict | None = None,
     tensors = component_tensors(src, det, comp)
     r = configs.resolve(det.arch.name, comp, {t.name: t.shape for t in tensors}, given=config,
                         given_source=config_source, path=src.path)
-    with torch.device("meta"):
-        m = instantiate(r.class_name, r.config)
+    m = meta_model(r.class_name, r.config)
     names = align_names(m.state_dict().keys(), [t.name for t in tensors])
     sd = {}
+    last_key, last = None, None
     for t in tensors:
-        v = load_tensor(src, t)
+        # the parts of a fused tensor (Flux qkv) are consecutive: decode the source once
+        if t.key != last_key:
+            last_key, last = t.key, src.load(t.key)
+        v = load_tensor(src, t, last)
         sd[names[t.name]] = v.to(dtype) if v.is_floating_point() else v
     m.load_state_dict(sd, strict=False, assign=True)
     _materialise_buffers(m, src.path, comp)

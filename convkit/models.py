@@ -33,15 +33,21 @@ def instantiate(cls_name: str, config: dict) -> torch.nn.Module:
         warnings.simplefilter("ignore")
         if cls.__module__.startswith("transformers"):
             return cls(cls.config_class(**cfg))
-        return cls(**cfg)
+        # from_config, not cls(**cfg): a config.json written by another diffusers version may
+        # carry fields this one does not take
+        return cls.from_config(cfg)
+
+
+def meta_model(cls_name: str, config: dict) -> torch.nn.Module:
+    """The model ``config`` describes, built on the meta device (names and shapes only)."""
+    with torch.device("meta"):
+        return instantiate(cls_name, config)
 
 
 def meta_shapes(cls_name: str, config: dict) -> dict[str, tuple[int, ...]]:
     """``{parameter or buffer name: shape}`` of the model the config describes, as its
-    ``state_dict`` names them (built on the meta device)."""
-    with torch.device("meta"):
-        m = instantiate(cls_name, config)
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    ``state_dict`` names them."""
+    return {k: tuple(v.shape) for k, v in meta_model(cls_name, config).state_dict().items()}
 
 
 # transformers 5 dropped the ``text_model.`` wrapper of CLIPTextModel's state dict; files saved

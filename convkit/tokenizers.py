@@ -31,20 +31,18 @@ def kinds() -> tuple[str, ...]:
     return tuple(_spec()["kinds"])
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2/CLIP's reversible byte -> printable character table, in CLIP's order."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars, extra = dict.fromkeys(printable), 0
-    table = {}
+def byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable character table, in CLIP's vocabulary order
+    (the printable bytes as themselves, then the others mapped to 256 + n)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
     for b in range(256):
-        if b in chars:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    # CLIP lists the printable bytes first, then the remapped ones
-    return [table[b] for b in printable] + [table[b] for b in range(256) if b not in chars]
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
 
 
 def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
@@ -57,7 +55,7 @@ def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
                          "reinstall convkit or fix CONVKIT_FORMATS_DIR")
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = lines[1:1 + spec["merges"]]
-    syms = _byte_symbols()
+    syms = byte_symbols()
     tokens = syms + [s + "</w>" for s in syms] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     if len(tokens) != spec["vocab_size"]:

@@ -25,6 +25,7 @@ from .. import archs, dtypes
 from ..engine import Item, Out, OutFile, OutFolder, Src, execute
 from ..engine.ops import Op, as_bytes
 from ..errors import TensorValueError, UsageError
+from ..keymap import _bwd
 from ..progress import Progress
 from ..provenance import output_metadata
 from ..sources import open_source
@@ -97,7 +98,7 @@ class HFOp(Op):
         outs = {o.key: o for o in item.outs}
         writes = []
         for dt, is_weight in item.extra["parts"]:
-            cur = hf_model._bwd(dt.transform, raw)
+            cur = _bwd(dt.transform, raw)
             t = cur if dt.part is None else cur[dt.part[0]:dt.part[1]]
             w = self._prepare(dt.key, t)
             if is_weight:

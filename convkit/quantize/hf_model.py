@@ -4,16 +4,15 @@ tensor of its ``state_dict`` by diffusers name, read lazily from the input.
 Inputs: a diffusers folder (``unet/`` or ``transformer/`` and its ``config.json``), a lone
 component folder, a single file in diffusers names, or a single file in SGM/LDM, BFL or
 ComfyUI names (mapped with :mod:`convkit.keymap`; a fused tensor such as Flux ``qkv`` is read
-once and split into its diffusers parts). A single file carries no config: the one used is the
-first of (the ``config`` argument, the released model's config in ``formats/configs/<arch>/``,
-convkit's tiny test model of that architecture) whose model has exactly the file's tensor names
-and shapes — checked on a ``meta``-device model, so nothing is allocated.
+once and split into its diffusers parts). A single file carries no config:
+:func:`convkit.configs.resolve` gives the one whose model has exactly the file's tensor
+names and shapes (the ``config`` argument, the released model's, convkit's tiny one, or one
+inferred from the shapes) — checked on a ``meta``-device model, so nothing is allocated.
 """
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import torch
 
 from .. import dtypes
 from ..errors import InputFormatError, UsageError
-from ..keymap import _bwd  # noqa: F401  (hf_libs decodes through it)
 from ..loading import DTensor, component_tensors
+from ..models import meta_model
 
 
 @dataclass
@@ -38,25 +37,6 @@ class ModelInput:
         return list(self.meta.state_dict())
 
 
-def diffusers_class(name: str):
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise UsageError(f"diffusers has no model class '{name}'")
-    return cls
-
-
-def meta_model(cls_name: str, config: dict) -> torch.nn.Module:
-    """The model built from ``config`` on the meta device (names and shapes, no memory)."""
-    cls = diffusers_class(cls_name)
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            return cls.from_config(cfg)
-
-
 def _read_config(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
@@ -65,16 +45,6 @@ def _read_config(path: Path) -> dict:
     if not isinstance(d, dict) or "_class_name" not in d:
         raise InputFormatError("not a diffusers model config (no _class_name)", path=path)
     return d
-
-
-def _mismatch(meta: torch.nn.Module, tensors: list[DTensor]) -> list[str]:
-    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    got = {t.name: t.shape for t in tensors}
-    problems = [f"missing {k}" for k in want if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in want]
-    problems += [f"{k}: {list(got[k])}, the model has {list(s)}" for k, s in want.items()
-                 if k in got and got[k] != s]
-    return problems
 
 
 def resolve(src, det, raw, config: dict | str | os.PathLike | None = None) -> ModelInput:
@@ -96,23 +66,22 @@ def resolve(src, det, raw, config: dict | str | os.PathLike | None = None) -> Mo
         p = root / "config.json" if getattr(raw, "lone_component", False) else root / comp / "config.json"
         if p.is_file():
             given.append((str(p), _read_config(p)))
-    for where, cfg in given:
-        # a quantized input folder: the view has decoded its weights; its model is the same
-        cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
-        m = meta_model(cfg["_class_name"], cfg)
-        problems = _mismatch(m, tensors)
-        if problems:
-            raise InputFormatError(f"the weights do not fit {where}: " + "; ".join(problems[:4])
-                                   + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
-                                   path=src.path)
-        return ModelInput(cfg["_class_name"], cfg, where, tensors, m)
     from .. import configs
 
-    r = configs.resolve(det.arch.name, comp, {t.name: t.shape for t in tensors}, path=src.path,
-                        hint=f"quantize its diffusers folder instead (the config.json of {comp}/ "
-                             "is used), or call convkit.quantize.hf_libs.quantize_hf(..., "
-                             "config=<its config.json>)")
-    return ModelInput(r.class_name, r.config, r.source, tensors, meta_model(r.class_name, r.config))
+    shapes = {t.name: t.shape for t in tensors}
+    if given:
+        where, cfg = given[0]
+        # a quantized input folder: the view has decoded its weights; its model is the same
+        cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        r = configs.resolve(det.arch.name, comp, shapes, given=cfg, given_source=where,
+                            path=src.path)
+    else:
+        r = configs.resolve(det.arch.name, comp, shapes, path=src.path,
+                            hint=f"quantize its diffusers folder instead (the config.json of "
+                                 f"{comp}/ is used), or call convkit.quantize.hf_libs."
+                                 "quantize_hf(..., config=<its config.json>)")
+    return ModelInput(r.class_name, r.config, r.source, tensors,
+                      meta_model(r.class_name, r.config))
 
 
 def model_dtype(tensors: list[DTensor], rest: str | None) -> str:

@@ -132,24 +132,13 @@ def fix_modes(folder: Path) -> None:
 # --------------------------------------------------------------------------- diffusers folder
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def make_clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """A byte-level CLIP BPE tokenizer with no merges (514 tokens), built locally."""
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    from ..tokenizers import byte_symbols
+
+    chars = byte_symbols()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = 512
