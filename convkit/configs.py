@@ -32,13 +32,14 @@ class ResolvedConfig:
 
 def mismatch(cls_name: str, config: dict, shapes: Shapes) -> list[str]:
     """What differs between the model ``config`` builds and ``shapes`` (empty: they fit)."""
-    from .models import align_names, meta_shapes
+    from .models import align_names, meta_shapes, tied_aliases
 
     try:
         want = meta_shapes(cls_name, config)
+        tied = tied_aliases(cls_name, config)
     except Exception as e:  # a config the class rejects fits nothing
         return [f"the config does not build a {cls_name} ({type(e).__name__}: {e})"]
-    want = {k: v for k, v in want.items() if not _optional_buffer(k)}
+    want = {k: v for k, v in want.items() if not _optional_buffer(k) and k not in tied}
     names = align_names(want, shapes)
     got = {names[k]: tuple(v) for k, v in shapes.items() if not _optional_buffer(k)}
     problems = [f"missing {k}" for k in want if k not in got]
@@ -66,16 +67,22 @@ def known_configs(arch: str, component: str) -> Iterable[tuple[str, dict]]:
 
     try:
         c = tiny.spec(arch)["components"][component]
+        yield f"convkit's tiny {arch} model config", {"_class_name": c["class"], **c["config"]}
     except (KeyError, LookupError):
-        return
-    yield f"convkit's tiny {arch} model config", {"_class_name": c["class"], **c["config"]}
+        pass
+    demo = tiny.demo_spec()
+    if demo and demo.get("arch") == arch and component in demo["components"]:
+        yield "convkit's demo model config (convkit/tiny/demo/demo.json)", \
+            dict(demo["components"][component])
 
 
 def resolve(arch: str, component: str, shapes: Shapes, *, given: dict | None = None,
-            given_source: str = "--config-from", path=None,
+            given_source: str = "--config-from", path=None, context: dict | None = None,
             hint: str = "give the model's diffusers folder (or one with its config.json) as "
                         "--config-from") -> ResolvedConfig:
-    """The config of ``arch``'s ``component`` whose model has exactly ``shapes``."""
+    """The config of ``arch``'s ``component`` whose model has exactly ``shapes``.
+    ``context``: what other components of the same model say (``pooled_dim``: the width of
+    the pooled text embedding the UNet's added embedding takes)."""
     if given is not None:
         probs = mismatch(given["_class_name"], given, shapes)
         if probs:
@@ -89,7 +96,11 @@ def resolve(arch: str, component: str, shapes: Shapes, *, given: dict | None = N
             return ResolvedConfig(cfg, source)
     if base is None:
         raise InputFormatError(f"no config known for {arch} '{component}'", path=path)
-    cfg = infer(arch, base, shapes)
+    try:
+        cfg = infer(arch, base, shapes, context)
+    except InputFormatError as e:
+        raise InputFormatError(f"cannot tell the config of this {arch} '{component}': "
+                               f"{e.detail}", path=path, hint=hint) from None
     probs = mismatch(cfg["_class_name"], cfg, shapes)
     if probs:
         raise InputFormatError(
@@ -101,13 +112,14 @@ def resolve(arch: str, component: str, shapes: Shapes, *, given: dict | None = N
                                "and the released config)")
 
 
-def infer(arch: str, base: dict, shapes: Shapes) -> dict:
-    """``base`` with every field the shapes determine replaced by what they say."""
+def infer(arch: str, base: dict, shapes: Shapes, context: dict | None = None) -> dict:
+    """``base`` with every field the shapes (and ``context``) determine replaced by what they
+    say."""
     cls = base["_class_name"]
     fn = _INFER.get(cls)
     if fn is None:
         raise InputFormatError(f"convkit cannot infer a {cls} config from shapes")
-    return fn(arch, copy.deepcopy(base), dict(shapes))
+    return fn(arch, copy.deepcopy(base), dict(shapes), context or {})
 
 
 # ----------------------------------------------------------------------------- per class
@@ -128,7 +140,7 @@ def _indices(shapes: Shapes, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
 
 
-def _unet(arch: str, cfg: dict, s: Shapes) -> dict:
+def _unet(arch: str, cfg: dict, s: Shapes, context: dict) -> dict:
     from .keymap.unet import UNetStructure
 
     st = UNetStructure.from_diffusers_names(s)       # levels, layers, where attention sits
@@ -177,14 +189,27 @@ def _unet(arch: str, cfg: dict, s: Shapes) -> dict:
         cfg["attention_head_dim"] = [max(1, c // heads["head_width"]) for c in chans]
     if st.add_embedding:
         cfg["addition_embed_type"] = "text_time"
-        cfg["projection_class_embeddings_input_dim"] = s["add_embedding.linear_1.weight"][1]
+        proj_in = s["add_embedding.linear_1.weight"][1]
+        cfg["projection_class_embeddings_input_dim"] = proj_in
+        # proj_in = pooled text width + ids x addition_time_embed_dim (infer.toml [time_ids]); the
+        # split is not in the UNet's shapes but in the text encoder's: the pooled width is its
+        # projection (context), else the released value must leave one
+        ids = _rules()["time_ids"].get(arch, _rules()["time_ids"]["default"])
+        pooled = context.get("pooled_dim")
+        if pooled and (proj_in - pooled) > 0 and (proj_in - pooled) % ids == 0:
+            cfg["addition_time_embed_dim"] = (proj_in - pooled) // ids
+        elif ids * int(cfg.get("addition_time_embed_dim") or 0) >= proj_in:
+            raise InputFormatError(
+                f"its addition_time_embed_dim is not in its shapes (the added embedding takes "
+                f"{proj_in} values; the released {cfg.get('addition_time_embed_dim')} x {ids} "
+                "leaves none for the pooled text)")
     te = s.get("time_embedding.linear_1.weight")
     if te is not None and te[0] != 4 * chans[0]:
         cfg["time_embedding_dim"] = te[0]
     return cfg
 
 
-def _clip_text(arch: str, cfg: dict, s: Shapes) -> dict:
+def _clip_text(arch: str, cfg: dict, s: Shapes, context: dict) -> dict:
     pre = "text_model." if any(k.startswith("text_model.") for k in s) else ""
     tok = s[f"{pre}embeddings.token_embedding.weight"]
     pos = s[f"{pre}embeddings.position_embedding.weight"]
@@ -202,7 +227,7 @@ def _clip_text(arch: str, cfg: dict, s: Shapes) -> dict:
     return cfg
 
 
-def _vae(arch: str, cfg: dict, s: Shapes) -> dict:
+def _vae(arch: str, cfg: dict, s: Shapes, context: dict) -> dict:
     levels = _indices(s, r"encoder\.down_blocks\.(\d+)\.")
     chans = [s[f"encoder.down_blocks.{l}.resnets.0.conv2.weight"][0] for l in levels]
     lpb = len(_indices(s, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))

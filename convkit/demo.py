@@ -1,4 +1,5 @@
-"""``convkit demo``: the main job, end to end, on a tiny model built on the spot.
+"""``convkit demo --arch ARCH``: the conversion mechanics on a tiny random model (no renders:
+a random model draws noise; the trained demo model's scenario is :mod:`convkit.demo_scenario`).
 
 1. build a tiny model from the real diffusers/transformers classes (fixed seed) and save it as
    a single-file checkpoint in the real SGM/LDM key layout, fp32, and as a diffusers folder;

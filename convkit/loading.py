@@ -71,27 +71,106 @@ def load_tensor(src, t: DTensor, loaded: torch.Tensor | None = None) -> torch.Te
     return v if t.part is None else v[t.part[0]:t.part[1]]
 
 
+class StoredWeight:
+    """A layer's weight held as stored (fp16/bf16 values, fp8 + scales, NF4 blocks, GGUF
+    blocks, ...) and decoded each time the layer runs, as ComfyUI-GGUF and Forge do: a model
+    takes about its file's size in memory plus one decoded layer, and computes with exactly the
+    values the logical-weights view gives (a fused source tensor's parts share its storage)."""
+
+    __slots__ = ("stored", "decoder", "aux", "transform", "part", "dtype", "device")
+
+    def __init__(self, stored, decoder, aux, transform, part, dtype, device=None):
+        self.stored, self.decoder, self.aux = stored, decoder, aux
+        self.transform, self.part, self.dtype, self.device = transform, part, dtype, device
+
+    def value(self) -> torch.Tensor:
+        from .sources.view import WeightsView
+
+        v = _bwd(self.transform, WeightsView.decode_stored(self.stored, self.decoder, self.aux))
+        if self.part is not None:
+            v = v[self.part[0]:self.part[1]]
+        return v.to(device=self.device, dtype=self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.numel() * self.stored.element_size()
+
+
+_LAZY_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d)
+
+
+def _decode_before(module, args):
+    module.weight = module._convkit_stored.value()
+
+
+def _release_after(module, args, output):
+    # a meta placeholder keeps .weight's shape and dtype readable between calls
+    module.weight = module._convkit_placeholder
+
+
+def _hold_stored(m: torch.nn.Module, name: str, sw: StoredWeight) -> bool:
+    """Make ``name`` (a Linear/Conv weight of ``m``) a :class:`StoredWeight`; False when
+    ``name`` is not such a weight."""
+    owner_name, _, leaf = name.rpartition(".")
+    if leaf != "weight":
+        return False
+    owner = m.get_submodule(owner_name) if owner_name else m
+    if not isinstance(owner, _LAZY_TYPES) or "weight" not in owner._parameters:
+        return False
+    meta = owner._parameters.pop("weight")
+    owner._convkit_stored = sw
+    owner._convkit_placeholder = torch.empty(meta.shape, dtype=sw.dtype, device="meta")
+    owner.weight = owner._convkit_placeholder
+    owner.register_forward_pre_hook(_decode_before)
+    owner.register_forward_hook(_release_after)
+    return True
+
+
+def stored_bytes(m: torch.nn.Module) -> int:
+    """Bytes of the weights ``m`` holds in their stored encoding (shared storage once)."""
+    seen, total = set(), 0
+    for mod in m.modules():
+        sw = getattr(mod, "_convkit_stored", None)
+        if sw is not None and id(sw.stored) not in seen:
+            seen.add(id(sw.stored))
+            total += sw.nbytes
+    return total
+
+
 def load_component(src, det, comp: str, *, config: dict | None = None,
-                   config_source: str = "--config-from", dtype: torch.dtype = torch.float32
+                   config_source: str = "--config-from", dtype: torch.dtype = torch.float32,
+                   keep_stored: bool = False, context: dict | None = None
                    ) -> tuple[torch.nn.Module, configs.ResolvedConfig]:
-    """``comp`` of ``src`` as an eval-mode module holding the decoded weights in ``dtype``."""
+    """``comp`` of ``src`` as an eval-mode module holding the decoded weights in ``dtype``;
+    with ``keep_stored``, Linear/Conv weights stay in their stored encoding and are decoded
+    to ``dtype`` each time their layer runs (:class:`StoredWeight`)."""
     if not det.component_keys.get(comp):
         raise UsageError(f"no '{comp}' in this input; it has: "
                          f"{', '.join(det.component_keys) or 'nothing known'}", path=src.path)
     tensors = component_tensors(src, det, comp)
     r = configs.resolve(det.arch.name, comp, {t.name: t.shape for t in tensors}, given=config,
-                        given_source=config_source, path=src.path)
+                        given_source=config_source, path=src.path, context=context)
     m = meta_model(r.class_name, r.config)
     names = align_names(m.state_dict().keys(), [t.name for t in tensors])
     sd = {}
-    last_key, last = None, None
+    last_key, last, stored = None, None, None
     for t in tensors:
-        # the parts of a fused tensor (Flux qkv) are consecutive: decode the source once
-        if t.key != last_key:
-            last_key, last = t.key, src.load(t.key)
-        v = load_tensor(src, t, last)
+        # the parts of a fused tensor (Flux qkv) are consecutive: read the source once
+        if keep_stored:
+            if t.key != last_key:
+                last_key, stored = t.key, src.stored_form(t.key)
+            sw = StoredWeight(*stored, t.transform, t.part, dtype)
+            if _hold_stored(m, names[t.name], sw):
+                continue
+            v = load_tensor(src, t, src.decode_stored(*stored))
+        else:
+            if t.key != last_key:
+                last_key, last = t.key, src.load(t.key)
+            v = load_tensor(src, t, last)
         sd[names[t.name]] = v.to(dtype) if v.is_floating_point() else v
     m.load_state_dict(sd, strict=False, assign=True)
+    if hasattr(m, "tie_weights"):   # transformers: tied aliases (T5's embed_tokens) follow
+        m.tie_weights()
     _materialise_buffers(m, src.path, comp)
     return m.eval(), r
 

@@ -2,6 +2,8 @@
 its parameter names and shapes (on the meta device: no memory, no weights)."""
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 
 import torch
@@ -47,7 +49,28 @@ def meta_model(cls_name: str, config: dict) -> torch.nn.Module:
 def meta_shapes(cls_name: str, config: dict) -> dict[str, tuple[int, ...]]:
     """``{parameter or buffer name: shape}`` of the model the config describes, as its
     ``state_dict`` names them."""
-    return {k: tuple(v.shape) for k, v in meta_model(cls_name, config).state_dict().items()}
+    # memoised: config resolution asks for the same model's shapes again and again (each
+    # component of each artifact of a verify run), and building one takes up to a second
+    return dict(_meta_shapes(cls_name, json.dumps(config, sort_keys=True, default=str))[0])
+
+
+def tied_aliases(cls_name: str, config: dict) -> frozenset[str]:
+    """State-dict names that are another name's tensor (T5's ``encoder.embed_tokens.weight``
+    is ``shared.weight``): files carry one of them."""
+    return _meta_shapes(cls_name, json.dumps(config, sort_keys=True, default=str))[1]
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_shapes(cls_name: str, config_json: str):
+    m = meta_model(cls_name, json.loads(config_json))
+    sd = m.state_dict(keep_vars=True)
+    seen: dict[int, str] = {}
+    aliases = set()
+    for k, v in sd.items():
+        if id(v) in seen:
+            aliases.add(k)
+        seen.setdefault(id(v), k)
+    return tuple((k, tuple(v.shape)) for k, v in sd.items()), frozenset(aliases)
 
 
 # transformers 5 dropped the ``text_model.`` wrapper of CLIPTextModel's state dict; files saved

@@ -15,12 +15,13 @@ class Progress:
         self.enabled = enabled
 
     @contextlib.contextmanager
-    def bar(self, total: int, desc: str = ""):
+    def bar(self, total: int, desc: str = "", unit: str = "B"):
         if not self.enabled:
             yield _Null()
             return
         from tqdm import tqdm
 
-        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+        scaled = unit == "B"
+        with tqdm(total=total, desc=desc, unit=unit, unit_scale=scaled, unit_divisor=1024,
                   file=sys.stderr, leave=False, dynamic_ncols=True) as t:
             yield t

@@ -54,7 +54,10 @@ def tokenizer_for(arch: archs.Arch, comp: str, folders: list[Path]):
                                                "--config-from")
 
 
-def scheduler_for(arch: archs.Arch, folders: list[Path], **overrides):
+def scheduler_for(arch: archs.Arch, folders: list[Path], class_name: str | None = None,
+                  **overrides):
+    """The model's scheduler (``class_name``: another scheduler class from its config, as
+    diffusers' ``from_config`` does; ``overrides``: config values, e.g. timestep_spacing)."""
     import diffusers
 
     cfg = None
@@ -69,13 +72,18 @@ def scheduler_for(arch: archs.Arch, folders: list[Path], **overrides):
         except OSError:
             raise UsageError(f"no scheduler config known for {arch.name}",
                              hint="give a model folder with scheduler/ as --config-from") from None
-    cls = getattr(diffusers, cfg["_class_name"])
+    cls = getattr(diffusers, class_name or cfg["_class_name"])
+    # "_source" and the like are notes in convkit's files, not scheduler settings
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
     return cls.from_config({**cfg, **overrides})
 
 
 def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torch.float32,
+                 keep_stored: bool = False, scheduler_class: str | None = None,
                  scheduler_overrides: dict | None = None):
-    """The diffusers pipeline of ``path`` (components missing from it taken from ``base``)."""
+    """The diffusers pipeline of ``path`` (components missing from it taken from ``base``);
+    ``keep_stored``: layers hold their weights as stored and decode them when they run
+    (:class:`convkit.loading.StoredWeight`)."""
     import diffusers
 
     folders = _folders(config_from, path, base)
@@ -91,7 +99,11 @@ def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torc
                 raise UsageError(f"the artifact is {arch.title}, --base is {bdet.arch.title}",
                                  path=path)
         kwargs = {}
-        for comp in arch.components:
+        context: dict = {}
+        # text encoders first: the UNet's config may need their widths (the pooled text
+        # embedding SDXL's added embedding takes is the last text encoder's projection)
+        order = sorted(arch.components, key=lambda c: arch.components[c].kind != "text_encoder")
+        for comp in order:
             cfg, where = _component_config(folders, comp)
             if det.component_keys.get(comp):
                 s, d = src, det
@@ -102,11 +114,15 @@ def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torc
                                                               " nor in --base"),
                                  path=path, hint="give the full model it belongs to as --base")
             kwargs[comp], _ = load_component(s, d, comp, config=cfg, config_source=where,
-                                             dtype=dtype)
+                                             dtype=dtype, keep_stored=keep_stored,
+                                             context=context)
+            if hasattr(kwargs[comp], "text_projection"):     # CLIPTextModelWithProjection
+                context["pooled_dim"] = kwargs[comp].config.projection_dim
             if arch.components[comp].kind == "text_encoder":
                 kwargs[comp.replace("text_encoder", "tokenizer")] = tokenizer_for(arch, comp,
                                                                                   folders)
-    kwargs["scheduler"] = scheduler_for(arch, folders, **(scheduler_overrides or {}))
+    kwargs["scheduler"] = scheduler_for(arch, folders, scheduler_class,
+                                        **(scheduler_overrides or {}))
     cls = getattr(diffusers, arch.pipeline)
     params = inspect.signature(cls.__init__).parameters
     for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder",

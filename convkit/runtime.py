@@ -13,3 +13,13 @@ import os
 
 def prefer_io_friendly_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def cache_root():
+    """Where convkit keeps what it can rebuild (tokenizer folders, reference renders):
+    ``$CONVKIT_CACHE``, else ``$XDG_CACHE_HOME/convkit`` (``~/.cache/convkit``)."""
+    from pathlib import Path
+
+    base = os.environ.get("CONVKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "convkit")
+    return Path(base)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import data
 from .errors import InputFormatError, UnknownNameError
+from .runtime import cache_root
 
 _SPEC = "tokenizers/clip.toml"
 
@@ -63,12 +64,6 @@ def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("CONVKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "convkit")
-    return Path(base)
-
-
 def tokenizer_files(kind: str) -> dict[str, bytes]:
     """The files of a Hub-style CLIP tokenizer folder of ``kind`` (clip_l, clip_g)."""
     spec = _spec()
@@ -89,7 +84,7 @@ def clip_tokenizer_folder(kind: str) -> Path:
     """A tokenizer folder for ``kind`` in convkit's cache (written once, atomically)."""
     spec = _spec()
     key = hashlib.sha256(json.dumps([spec, kind], sort_keys=True).encode()).hexdigest()[:12]
-    folder = _cache_root() / "tokenizers" / f"{kind}-{key}"
+    folder = cache_root() / "tokenizers" / f"{kind}-{key}"
     if (folder / "special_tokens_map.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +100,7 @@ def clip_tokenizer_folder(kind: str) -> Path:
     return folder
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def clip_tokenizer(kind: str):
     """transformers' ``CLIPTokenizer`` of ``kind``, loaded from the local folder."""
     from transformers import CLIPTokenizer

@@ -26,8 +26,15 @@ def test_tiny_shapes_inferred_from_the_released_config(arch, comp):
     shapes = meta_shapes(c["class"], c["config"])
     released = load_config(arch, comp)
     assert configs.mismatch(c["class"], released, shapes)       # the released one does not fit
-    cfg = configs.infer(arch, copy.deepcopy(released), shapes)
+    # SDXL's added embedding takes the pooled text (the last text encoder's projection) and
+    # 6 time ids: the split is the text encoder's to say (render.pipeline_for passes it)
+    te = [x for x in tiny.spec(arch)["components"].values() if "projection_dim" in x["config"]]
+    context = {"pooled_dim": te[-1]["config"]["projection_dim"]} if te else {}
+    cfg = configs.infer(arch, copy.deepcopy(released), shapes, context)
     assert configs.mismatch(cfg["_class_name"], cfg, shapes) == []
+    for k in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        if k in c["config"]:
+            assert cfg[k] == c["config"][k], k
 
 
 @pytest.mark.parametrize("arch,comp", CASES)
@@ -49,8 +56,11 @@ def test_ssd1b_like_unet_with_pruned_transformer_depths():
                addition_time_embed_dim=16, transformer_layers_per_block=[1, 2, 3],
                reverse_transformer_layers_per_block=[[3, 3, 1], [2, 1, 1], [1, 1, 1]])
     shapes = meta_shapes("UNet2DConditionModel", ssd)
-    r = configs.resolve("sdxl", "unet", shapes)
+    with pytest.raises(InputFormatError, match="addition_time_embed_dim"):
+        configs.resolve("sdxl", "unet", shapes)     # 256 x 6 > 192: the text encoder must say
+    r = configs.resolve("sdxl", "unet", shapes, context={"pooled_dim": 96})
     assert r.source.startswith("inferred")
+    assert r.config["addition_time_embed_dim"] == 16
     assert r.config["transformer_layers_per_block"] == [1, 2, 3]
     assert r.config["reverse_transformer_layers_per_block"] == [[3, 3, 1], [2, 1, 1], [1, 1, 1]]
     assert r.config["block_out_channels"] == [64, 128, 256]

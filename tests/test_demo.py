@@ -8,7 +8,7 @@ from convkit.cli import main
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "flux_dev"])
-def test_demo_runs_end_to_end(tmp_path, arch):
+def test_tiny_mechanics_run_end_to_end(tmp_path, arch):
     r = CliRunner().invoke(main, ["demo", "--arch", arch, "--out", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)

@@ -99,9 +99,9 @@ TIME_IDS = [world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE]
 STAGES = {
     # steps, batch, lr, seed
     "vae": dict(steps=2500, batch=16, lr=1e-3, seed=11),
-    "base": dict(steps=8000, batch=64, lr=3e-4, te_lr=1e-4, seed=22),
-    "custom": dict(steps=1500, batch=64, lr=1e-4, seed=33),
-    "lightning": dict(steps=2500, batch=64, lr=5e-5, seed=44, teacher_samples=4096,
+    "base": dict(steps=4000, batch=64, lr=3e-4, te_lr=1e-4, seed=22),
+    "custom": dict(steps=800, batch=64, lr=1e-4, seed=33),
+    "lightning": dict(steps=1500, batch=64, lr=5e-5, seed=44, teacher_samples=2048,
                       teacher_steps=25, teacher_guidance=5.0),
 }
 BANK = 16384           # scenes per latent bank (per style)
@@ -514,36 +514,49 @@ def stage_lightning(work: Path, deadline) -> None:
     log("lightning: done")
 
 
-def stage_export(work: Path, deadline) -> None:
-    from safetensors.torch import save_file
+def stage_export(work: Path, deadline, out_dir: Path | None = None) -> None:
+    """The trained weights as users meet such models (convkit/tiny/demo/, fp16): the base as an
+    SGM single file with every component (what a "checkpoint for ComfyUI/Forge" is), the
+    custom and lightning UNets as diffusers-named UNet-only files (as SDXL-Lightning ships
+    its UNets); demo.json holds the configs, the sampling settings and how they were made."""
+    from convkit import keymap
+    from convkit.tiny import save_state_dict
 
+    out_dir = out_dir or DEMO_DIR
     vae, sf = _vae_done(work)
     base = _done_ema(work, "base")
     custom = _done_ema(work, "custom")
     light = _done_ema(work, "lightning")
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     half = lambda sd: {k: v.half().contiguous() if v.is_floating_point() else v.contiguous()  # noqa
                        for k, v in sd.items()}
-    full = {}
-    for comp, sd in (("unet", base["unet"]), ("text_encoder", base["text_encoder"]),
-                     ("text_encoder_2", base["text_encoder_2"]), ("vae", vae.state_dict())):
-        full.update({f"{comp}.{k}": v for k, v in half(sd).items()})
-    save_file(full, DEMO_DIR / "base.safetensors", metadata={"convkit.demo": "base"})
-    save_file({f"unet.{k}": v for k, v in half(custom["unet"]).items()},
-              DEMO_DIR / "custom_unet.safetensors", metadata={"convkit.demo": "custom"})
-    save_file({f"unet.{k}": v for k, v in half(light).items()},
-              DEMO_DIR / "lightning_unet.safetensors", metadata={"convkit.demo": "lightning"})
     cfgs = json.loads(json.dumps(CONFIGS))
     cfgs["vae"]["scaling_factor"] = sf
-    spec = {"pipeline": "StableDiffusionXLPipeline", "components": cfgs,
+    sds = {"unet": base["unet"], "text_encoder": base["text_encoder"],
+           "text_encoder_2": base["text_encoder_2"], "vae": vae.state_dict()}
+    for comp, sd in sds.items():          # transformers keeps position_ids out of state dicts
+        if comp.startswith("text_encoder"):
+            sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+            sds[comp] = sd
+    full = keymap.arch_to_single_file("sdxl", {c: half(sd) for c, sd in sds.items()},
+                                      layout="sgm", configs=cfgs)
+    meta = {"format": "pt", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+            "modelspec.title": "convkit demo {}", "modelspec.license": "Apache-2.0",
+            "modelspec.description": "convkit's demo model: tools/train_demo.py"}
+    save_state_dict(full, out_dir / "base.safetensors",
+                    {**meta, "modelspec.title": meta["modelspec.title"].format("base")})
+    for name, sd in (("custom", custom["unet"]), ("lightning", light)):
+        save_state_dict(half(sd), out_dir / f"{name}_unet.safetensors",
+                        {**meta, "modelspec.title": meta["modelspec.title"].format(name)})
+    spec = {"arch": "sdxl", "pipeline": "StableDiffusionXLPipeline", "components": cfgs,
             "scheduler": SCHEDULER, "tokenizers": TOKENIZERS, "time_ids": TIME_IDS,
             "size": world.SIZE, "sampling": {
-                "base": {"steps": 25, "guidance": 5.0, "timestep_spacing": "trailing"},
-                "lightning": {"steps": 4, "guidance": 0.0, "timestep_spacing": "trailing"}},
+                "base": {"sampler": "euler", "steps": 25, "guidance": 5.0},
+                "lightning": {"sampler": "euler-trailing", "steps": 4, "guidance": 0.0}},
             "trained_by": "tools/train_demo.py", "stages": STAGES}
-    (DEMO_DIR / "demo.json").write_text(json.dumps(spec, indent=1) + "\n")
-    log(f"exported to {DEMO_DIR}: " + ", ".join(
-        f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(DEMO_DIR.iterdir())))
+    (out_dir / "demo.json").write_text(json.dumps(spec, indent=1) + "\n")
+    log(f"exported to {out_dir}: " + ", ".join(
+        f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out_dir.iterdir())))
 
 
 STAGE_FNS = {"vae": stage_vae, "base": stage_base, "custom": stage_custom,

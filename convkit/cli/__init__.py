@@ -19,6 +19,7 @@ from .demo_cmd import demo  # noqa: E402
 from .inspect_cmd import inspect  # noqa: E402
 from .lora_cmds import convert_lora_cmd, extract_lora_cmd, merge_lora_cmd  # noqa: E402
 from .quantize_cmd import quantize_cmd  # noqa: E402
+from .verify_cmd import verify_cmd  # noqa: E402
 
 
 @click.group(cls=ConvkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,13 +35,14 @@ def main():
       convkit inspect model.safetensors
       convkit convert model.safetensors model-fp16.safetensors --dtype fp16
       convkit quantize model.safetensors model-Q8_0.gguf --to gguf:Q8_0
+      convkit verify model-Q8_0.gguf --reference model.safetensors --report report/
       convkit demo
     """
     quiet_third_party_logs()
 
 
 for _cmd in (inspect, convert, quantize_cmd, merge_lora_cmd, extract_lora_cmd, convert_lora_cmd,
-             demo):
+             verify_cmd, demo):
     main.add_command(_cmd)
 
 __all__ = ["main"]

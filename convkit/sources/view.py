@@ -362,6 +362,19 @@ class WeightsView(TensorSource):
             return buf
         return self.raw.load(dec.main).contiguous().reshape(-1).view(torch.uint8)
 
+    def stored_form(self, name: str) -> tuple[torch.Tensor, Decoder, Aux]:
+        """``name`` as stored (the values of a plain tensor; the bytes of an encoded one), its
+        decoder and prepared aux: ``decode_stored`` gives the logical value. For holding a
+        weight in its encoding and decoding it where it is used (``convkit verify``)."""
+        dec = self.decoders[name]
+        if dec.direct:
+            return self.raw.load(dec.main).reshape(dec.shape), dec, {}
+        return self._stored(dec), dec, self.aux(name)
+
+    @staticmethod
+    def decode_stored(stored: torch.Tensor, dec: Decoder, aux: Aux) -> torch.Tensor:
+        return stored if dec.direct else dec.decode_whole(stored, aux)
+
     def _load(self, name: str) -> torch.Tensor:
         dec = self.decoders[name]
         if dec.direct:

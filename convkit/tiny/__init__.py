@@ -49,6 +49,20 @@ def spec(arch: str) -> dict:
         return json.load(f)
 
 
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+def demo_spec() -> dict | None:
+    """The trained demo model's spec (configs, sampling), None when it is not installed."""
+    return _demo_spec(str(DEMO_DIR))
+
+
+@functools.lru_cache(maxsize=None)
+def _demo_spec(folder: str) -> dict | None:
+    p = Path(folder) / "demo.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def _reinit(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
