@@ -76,8 +76,8 @@ def main() -> None:
     def vae(sd):
         sd["first_stage_model.decoder.conv_out.weight"] *= 0
 
-    def noscale(sd):
-        for k in [k for k in sd if k.endswith(".scale_weight")]:
+    def noscale(sd):       # scales and the marker gone: a plain fp8 file to every reader
+        for k in [k for k in sd if k.endswith((".scale_weight", "scaled_fp8"))]:
             del sd[k]
 
     arts.append(("defect: zeroed cross-attn out", planted(fp16, w / "d-xattn.safetensors",
