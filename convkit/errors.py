@@ -101,10 +101,27 @@ class Interrupted(ConvkitError, KeyboardInterrupt):
 class ErrorGroup(ConvkitError, ValueError):
     """Several problems found up front, reported together."""
 
+    SHOWN_KEYS = 3      # tensors named per kind of problem; the rest are counted
+
     def __init__(self, errors: Sequence[ConvkitError]):
         self.errors = list(errors)
-        lines = [str(e) for e in self.errors]
-        super().__init__(f"{len(lines)} problems: " + "; ".join(lines))
+        # the same problem in many tensors of one file (a scaled-fp8 file without any of its
+        # scales) is one part of the line: its first tensors named, the rest counted
+        groups: dict[tuple, list[ConvkitError]] = {}
+        for e in self.errors:
+            same = (type(e), e.path, e.detail, e.hint) if e.key else (id(e),)
+            groups.setdefault(same, []).append(e)
+        parts = []
+        for g in groups.values():
+            if len(g) == 1:
+                parts.append(str(g[0]))
+                continue
+            e = g[0]
+            keys = ", ".join(f"'{x.key}'" for x in g[:self.SHOWN_KEYS])
+            more = f" and {len(g) - self.SHOWN_KEYS} more" if len(g) > self.SHOWN_KEYS else ""
+            parts.append((f"{e.path}: " if e.path else "") + f"{len(g)} tensors ({keys}{more}): "
+                         + e.detail + (f" ({e.hint})" if e.hint else ""))
+        super().__init__(f"{len(self.errors)} problems: " + "; ".join(parts))
         self.exit_code = max(e.exit_code for e in self.errors)
 
 

@@ -249,3 +249,15 @@ def test_missing_shard_named(tmp_path, sdxl_like):
     line = _one_error_line(out)
     assert code == errors.InputFormatError.exit_code
     assert "00002-of-00002" in line and "incomplete" in line
+
+
+def test_the_same_problem_in_many_tensors_is_one_part_of_the_line():
+    from convkit.errors import ErrorGroup, InputFormatError
+
+    errs = [InputFormatError("fp8 weight without its scale_weight", path="m.safetensors",
+                             key=f"w{i}", hint="export it again") for i in range(84)]
+    errs.append(InputFormatError("nested header", path="m.safetensors"))
+    msg = str(ErrorGroup(errs))
+    assert msg.startswith("85 problems: m.safetensors: 84 tensors ('w0', 'w1', 'w2' and 81 "
+                          "more): fp8 weight without its scale_weight (export it again); ")
+    assert msg.endswith("m.safetensors: nested header") and msg.count("w3") == 0
