@@ -51,14 +51,14 @@ def with_unet(base: Path, unet_file: Path, out: Path, unet_config: dict) -> Path
     from . import keymap
     from .tiny import save_state_dict
 
+    from .sources import open_raw
+
     sd = st.load_file(str(base))
     unet = keymap.arch_to_single_file("sdxl", {"unet": st.load_file(str(unet_file))},
                                       layout="sgm", configs={"unet": unet_config})
-    with open(base, "rb") as f:
-        import struct
-        n = struct.unpack("<Q", f.read(8))[0]
-        meta = json.loads(f.read(n)).get("__metadata__", {})
-    meta = dict(meta, **{"modelspec.title": f"convkit demo {unet_file.stem.split('_')[0]}"})
+    with open_raw(base) as src:
+        meta = dict(src.metadata)
+    meta["modelspec.title"] = f"convkit demo {unet_file.stem.split('_')[0]}"
     merged = {k: v for k, v in sd.items() if not k.startswith("model.diffusion_model.")}
     merged.update(unet)
     return save_state_dict(merged, out, meta)

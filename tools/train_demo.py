@@ -72,13 +72,6 @@ CONFIGS = {
         "hidden_act": "quick_gelu", "projection_dim": 32, "layer_norm_eps": 1e-5,
         "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
     },
-    "text_encoder_2": {
-        "_class_name": "CLIPTextModelWithProjection",
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "max_position_embeddings": 77, "vocab_size": 49408,
-        "hidden_act": "gelu", "projection_dim": 32, "layer_norm_eps": 1e-5,
-        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0,
-    },
     "vae": {
         "_class_name": "AutoencoderKL",
         "in_channels": 3, "out_channels": 3, "latent_channels": 4,
@@ -87,6 +80,9 @@ CONFIGS = {
         "sample_size": 64, "scaling_factor": 1.0, "force_upcast": False,
     },
 }
+# the second text encoder: the first's shape, OpenCLIP's activation and pad id, a projection
+CONFIGS["text_encoder_2"] = {**CONFIGS["text_encoder"], "_class_name": "CLIPTextModelWithProjection",
+                             "hidden_act": "gelu", "pad_token_id": 0}
 SCHEDULER = {  # SDXL's (stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json)
     "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,

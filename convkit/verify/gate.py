@@ -5,7 +5,6 @@ artifact's diffusion model is stored, and each value overridable (``--gate KEY=V
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import math
 from collections import Counter
@@ -220,7 +219,3 @@ def differ_failure(images, other, th: Thresholds, other_name: str) -> tuple[floa
                    f"{th['differ_psnr']:g}): the change did not take")
     return v, None
 
-
-def nearest(name: str, names) -> str | None:
-    m = difflib.get_close_matches(name, list(names), n=1)
-    return m[0] if m else None
