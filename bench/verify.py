@@ -5,8 +5,9 @@ For each model: seconds per image and peak RSS of a 4-step, guidance-0 Euler (tr
 
   baseline   diffusers StableDiffusionXLPipeline holding the fp32 weights (convkit.render
              .pipeline_for without stored weights: the same classes, configs and tokenizers)
-  convkit    the render path of `convkit verify` (layers hold the artifact's stored encoding
-             and decode it as they run) for each artifact: fp16, GGUF Q8_0 (UNet; the rest
+  convkit    the render path of `convkit verify` (three stages, one family of components
+             loaded at a time; layers hold the artifact's stored encoding and decode it as
+             they run; load = everything but the images' encode/denoise/decode seconds) for each artifact: fp16, GGUF Q8_0 (UNet; the rest
              from the fp16 file, so its "RSS - file" includes the text encoders and VAE), NF4
 
 Rows are interleaved (baseline, artifacts, baseline again...) and the ratio is against the
@@ -31,21 +32,35 @@ from _common import DATA, full_size_checkpoint, run_measured  # noqa: E402
 
 RENDER = """
 import torch, time
-from convkit.render import pipeline_for
+from pathlib import Path
 path, base, keep = sys.argv[1], sys.argv[2] or None, sys.argv[3] == '1'
 size, n = int(sys.argv[4]), int(sys.argv[5])
+text = 'a red circle on a blue background'
 t = time.perf_counter()
-pipe = pipeline_for(path, base=base, keep_stored=keep, scheduler_class='EulerDiscreteScheduler',
-                    scheduler_overrides={'timestep_spacing': 'trailing'})
-pipe.set_progress_bar_config(disable=True)
-load = time.perf_counter() - t
-secs = []
-for i in range(n):
-    t = time.perf_counter()
-    with torch.inference_mode():
-        pipe(prompt='a red circle on a blue background', num_inference_steps=4, guidance_scale=0.0,
-             width=size, height=size, generator=torch.Generator().manual_seed(i), output_type='np')
-    secs.append(time.perf_counter() - t)
+if keep:      # convkit verify's renderer: three stages, stored weights decoded per layer
+    from convkit.verify.models import ModelRef
+    from convkit.verify.prompts import Prompt
+    from convkit.verify.renderer import _Renderer
+    from convkit.verify.settings import RenderSettings
+    r = _Renderer(ModelRef(Path(path), Path(base) if base else None),
+                  RenderSettings('euler-trailing', 4, 0.0, size, size), Path(sys.argv[6]).parent)
+    r.prepare()
+    imgs = r.render_all([(Prompt(str(i), i, text), i) for i in range(n)])
+    secs = [im.seconds for im in imgs]
+    load = time.perf_counter() - t - sum(secs)
+else:         # plain diffusers, one pipeline holding every component in fp32
+    from convkit.render import pipeline_for
+    pipe = pipeline_for(path, base=base, scheduler_class='EulerDiscreteScheduler',
+                        scheduler_overrides={'timestep_spacing': 'trailing'})
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - t
+    secs = []
+    for i in range(n):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            pipe(prompt=text, num_inference_steps=4, guidance_scale=0.0, width=size, height=size,
+                 generator=torch.Generator().manual_seed(i), output_type='np')
+        secs.append(time.perf_counter() - t)
 print('LOAD', load, 'PER_IMAGE', min(secs), file=sys.stderr)
 open(sys.argv[6], 'w').write(json.dumps({'load': load, 'per_image': min(secs)}))
 """
@@ -98,8 +113,11 @@ def main() -> None:
     ap.add_argument("--model", choices=["demo", "sdxl"], default="demo")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the rows here too")
+    ap.add_argument("--only", action="append", help="only these artifact rows (fp16, gguf:Q8_0, "
+                                                    "nf4); the baseline always runs")
     args = ap.parse_args()
     arts, fp32, size, n = artifacts_for(args.model)
+    arts = [a for a in arts if not args.only or a[0] in args.only]
     rows: dict[str, list[dict]] = {"baseline fp32": []}
     for _ in range(args.repeat):
         rows["baseline fp32"].append(measure(fp32, None, False, size, n))

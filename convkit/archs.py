@@ -48,6 +48,8 @@ class Arch:
     detect: dict[str, dict]
     source_file: str = ""
     single_file_layout: str = "sgm"
+    #: arguments of the diffusers pipeline's constructor the released model_index.json sets
+    pipeline_config: dict = field(default_factory=dict)
 
     def layout(self, name: str) -> Layout:
         for lay in self.layouts:
@@ -68,7 +70,7 @@ def _parse(d: dict, filename: str) -> Arch:
                            x.get("title", "")) for x in d["layouts"])
     return Arch(d["name"], d.get("title", d["name"]), d.get("gguf_arch", d["name"]),
                 d.get("pipeline", ""), comps, layouts, d.get("detect", {}), filename,
-                d.get("single_file_layout", "sgm"))
+                d.get("single_file_layout", "sgm"), dict(d.get("pipeline_config", {})))
 
 
 @functools.cache

@@ -137,19 +137,31 @@ def stored_bytes(m: torch.nn.Module) -> int:
     return total
 
 
-def load_component(src, det, comp: str, *, config: dict | None = None,
-                   config_source: str = "--config-from", dtype: torch.dtype = torch.float32,
-                   keep_stored: bool = False, context: dict | None = None
-                   ) -> tuple[torch.nn.Module, configs.ResolvedConfig]:
-    """``comp`` of ``src`` as an eval-mode module holding the decoded weights in ``dtype``;
-    with ``keep_stored``, Linear/Conv weights stay in their stored encoding and are decoded
-    to ``dtype`` each time their layer runs (:class:`StoredWeight`)."""
+def resolve_config(src, det, comp: str, *, config: dict | None = None,
+                   config_source: str = "--config-from", context: dict | None = None,
+                   tensors: list[DTensor] | None = None) -> configs.ResolvedConfig:
+    """The model config of ``comp`` in ``src`` (given, known or inferred from the shapes),
+    without reading a weight."""
     if not det.component_keys.get(comp):
         raise UsageError(f"no '{comp}' in this input; it has: "
                          f"{', '.join(det.component_keys) or 'nothing known'}", path=src.path)
+    tensors = tensors if tensors is not None else component_tensors(src, det, comp)
+    return configs.resolve(det.arch.name, comp, {t.name: t.shape for t in tensors}, given=config,
+                           given_source=config_source, path=src.path, context=context)
+
+
+def load_component(src, det, comp: str, *, config: dict | None = None,
+                   config_source: str = "--config-from", dtype: torch.dtype = torch.float32,
+                   keep_stored: bool = False, context: dict | None = None,
+                   resolved: configs.ResolvedConfig | None = None
+                   ) -> tuple[torch.nn.Module, configs.ResolvedConfig]:
+    """``comp`` of ``src`` as an eval-mode module holding the decoded weights in ``dtype``;
+    with ``keep_stored``, Linear/Conv weights stay in their stored encoding and are decoded
+    to ``dtype`` each time their layer runs (:class:`StoredWeight`). ``resolved``: the config
+    :func:`resolve_config` gave (not resolved again)."""
     tensors = component_tensors(src, det, comp)
-    r = configs.resolve(det.arch.name, comp, {t.name: t.shape for t in tensors}, given=config,
-                        given_source=config_source, path=src.path, context=context)
+    r = resolved or resolve_config(src, det, comp, config=config, config_source=config_source,
+                                   context=context, tensors=tensors)
     m = meta_model(r.class_name, r.config)
     names = align_names(m.state_dict().keys(), [t.name for t in tensors])
     sd = {}

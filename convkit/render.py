@@ -18,7 +18,7 @@ import torch
 
 from . import archs, data
 from .errors import UsageError
-from .loading import load_component
+from .loading import load_component, resolve_config
 from .sources import open_source
 
 
@@ -78,12 +78,36 @@ def scheduler_for(arch: archs.Arch, folders: list[Path], class_name: str | None 
     return cls.from_config({**cfg, **overrides})
 
 
+class ConfigOnly:
+    """A component that is not loaded, as far as a pipeline reads it: its config."""
+
+    def __init__(self, config: dict):
+        from diffusers.configuration_utils import FrozenDict
+
+        self.config = FrozenDict(config)
+
+    def __bool__(self) -> bool:          # `if pipe.vae` still means "a VAE is loaded"
+        return False
+
+
+#: the component kinds of a pipeline, in the order a render uses them
+KINDS = ("text_encoder", "diffusion_model", "vae")
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """How much the VAE downsamples: diffusers' pipelines take 2 ** (levels - 1)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torch.float32,
                  keep_stored: bool = False, scheduler_class: str | None = None,
-                 scheduler_overrides: dict | None = None):
+                 scheduler_overrides: dict | None = None, kinds=None):
     """The diffusers pipeline of ``path`` (components missing from it taken from ``base``);
     ``keep_stored``: layers hold their weights as stored and decode them when they run
-    (:class:`convkit.loading.StoredWeight`)."""
+    (:class:`convkit.loading.StoredWeight`). ``kinds``: load only the components of these
+    kinds (:data:`KINDS`); the others are None, so that a render can hold one family of
+    weights at a time. Every component's config is resolved either way (no weight read);
+    they are in ``pipe.convkit_configs``."""
     import diffusers
 
     folders = _folders(config_from, path, base)
@@ -98,13 +122,13 @@ def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torc
             if bdet.arch.name != arch.name:
                 raise UsageError(f"the artifact is {arch.title}, --base is {bdet.arch.title}",
                                  path=path)
-        kwargs = {}
+        kwargs: dict = {}
+        resolved: dict = {}
         context: dict = {}
         # text encoders first: the UNet's config may need their widths (the pooled text
         # embedding SDXL's added embedding takes is the last text encoder's projection)
         order = sorted(arch.components, key=lambda c: arch.components[c].kind != "text_encoder")
         for comp in order:
-            cfg, where = _component_config(folders, comp)
             if det.component_keys.get(comp):
                 s, d = src, det
             elif bdet is not None and bdet.component_keys.get(comp):
@@ -113,20 +137,36 @@ def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torc
                 raise UsageError(f"no '{comp}' in this file" + ("" if base is None else
                                                               " nor in --base"),
                                  path=path, hint="give the full model it belongs to as --base")
-            kwargs[comp], _ = load_component(s, d, comp, config=cfg, config_source=where,
-                                             dtype=dtype, keep_stored=keep_stored,
-                                             context=context)
-            if hasattr(kwargs[comp], "text_projection"):     # CLIPTextModelWithProjection
-                context["pooled_dim"] = kwargs[comp].config.projection_dim
-            if arch.components[comp].kind == "text_encoder":
+            cfg, where = _component_config(folders, comp)
+            r = resolved[comp] = resolve_config(s, d, comp, config=cfg, config_source=where,
+                                                context=context)
+            if r.class_name.endswith("WithProjection") and r.config.get("projection_dim"):
+                context["pooled_dim"] = r.config["projection_dim"]
+            kind = arch.components[comp].kind
+            if kinds is not None and kind not in kinds:
+                continue
+            kwargs[comp], _ = load_component(s, d, comp, dtype=dtype, keep_stored=keep_stored,
+                                             resolved=r)
+            if kind == "text_encoder":
                 kwargs[comp.replace("text_encoder", "tokenizer")] = tokenizer_for(arch, comp,
                                                                                   folders)
     kwargs["scheduler"] = scheduler_for(arch, folders, scheduler_class,
                                         **(scheduler_overrides or {}))
     cls = getattr(diffusers, arch.pipeline)
     params = inspect.signature(cls.__init__).parameters
-    for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder",
+    for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                "tokenizer_3", "unet", "transformer", "vae", "image_encoder",
                 "feature_extractor", "safety_checker"):
         if opt in params and opt not in kwargs:
             kwargs[opt] = None
-    return cls(**{k: v for k, v in kwargs.items() if k in params})
+    kwargs.update(arch.pipeline_config)
+    pipe = cls(**{k: v for k, v in kwargs.items() if k in params})
+    vae = next((c for c in resolved if arch.components[c].kind == "vae"), None)
+    if vae is not None and kwargs.get(vae) is None:
+        # without its VAE a pipeline assumes factor 8; latents must have the model's size
+        pipe.vae_scale_factor = vae_scale_factor(resolved[vae].config)
+        # img2img pipelines read the VAE's config (latents_mean/std) even when given latents;
+        # set past the pipeline's registry, which would record it as a component
+        pipe.__dict__[vae] = ConfigOnly(resolved[vae].config)
+    pipe.convkit_configs = {c: r.config for c, r in resolved.items()}
+    return pipe

@@ -93,10 +93,28 @@ def main() -> None:
     merge_lora(custom, [f"{lora}:-1.0"], minus, overwrite=True)
     arts.append(("defect: LoRA at weight -1", minus, None))
     ls = spec["sampling"]["lightning"]
+    bs = spec["sampling"]["base"]
+    few = dict(steps=ls["steps"], sampler=ls["sampler"], guidance=ls["guidance"])
+    many = dict(reference_steps=bs["steps"], reference_sampler=bs["sampler"],
+                reference_guidance=bs["guidance"])
+    table("Quantized and planted-defect variants against the merge (fp32), both at "
+          f"{ls['steps']} steps", [(label, path, ref, b, {}) for label, path, b in arts], few)
+    # the lora kind: a 4-step model against its teacher at 25 steps, guidance 5
+    table(f"The lora kind: {ls['steps']}-step models against a teacher at {bs['steps']} steps",
+          [("base + LoRA vs base (distilled on it)", light, base, None, many),
+           ("merge: custom + LoRA vs custom", ref, custom, None, many),
+           ("defect: custom without the LoRA vs custom", custom, custom, None, many),
+           ("defect: custom + LoRA at -1 vs custom", minus, custom, None, many),
+           ("defect: base + LoRA (wrong model) vs custom", light, custom, None, many)],
+          few, gate=["kind=lora"])
+
+
+def table(title: str, rows_in, few: dict, gate: list[str] | None = None) -> None:
     rows = []
-    for label, path, b in arts:
-        r = verify([path], ref, base=b, prompts="demo", steps=ls["steps"], sampler=ls["sampler"],
-                   guidance=ls["guidance"], size=spec["size"])
+    seed_d: list[float] = []
+    for label, path, ref, b, ref_kw in rows_in:
+        r = verify([path], ref, base=b, prompts="demo", size=demo_spec()["size"], gate=gate or [],
+                   **few, **ref_kw)
         a = r.artifacts[0]
         worst_p = min(s.psnr for s in a.scores)
         worst_s = min(s.ssim for s in a.scores)
@@ -104,15 +122,14 @@ def main() -> None:
         rows.append((label, a.kind, a.mean["psnr"], worst_p, a.mean["ssim"], worst_s, floor,
                      "pass" if a.ok else "FAIL: " + (a.first_failure() or "").split(": ", 2)[-1]))
         seed_d = [s.seed_distance for s in a.scores]
-    print(f"seed distance (1 - SSIM between seed and seed+1 renders of the reference): "
-          f"min {min(seed_d):.3f}, mean {sum(seed_d) / len(seed_d):.3f}")
+    print(f"\n{title}\nseed distance (1 - SSIM between seed and seed+1 renders of the last "
+          f"reference): min {min(seed_d):.3f}, mean {sum(seed_d) / len(seed_d):.3f}")
     print("| artifact | kind | mean PSNR | worst PSNR | mean SSIM | worst SSIM | "
           "worst (1-SSIM)/seed distance | verdict |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for label, kind, mp, wp, ms, ws, fl, v in rows:
         f = lambda x: "inf" if math.isinf(x) else f"{x:.2f}"  # noqa: E731
         print(f"| {label} | {kind} | {f(mp)} | {f(wp)} | {ms:.4f} | {ws:.4f} | {fl:.3f} | {v} |")
-
 
 if __name__ == "__main__":
     main()

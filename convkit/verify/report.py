@@ -133,7 +133,7 @@ def contact_sheet(result, columns):
     first = result.reference.images[0].pixels
     tile = int(min(TILE_MAX, max(TILE_MIN, max(first.shape[:2]))))
     font = ImageFont.load_default()
-    pad, label_w, head_h, text_h = 6, 120, 22, 30
+    pad, label_w, head_h, text_h = 6, 120, 34, 30
     cell_w, cell_h = tile + pad, tile + text_h + pad
     rows = len(result.prompts)
     w = label_w + cell_w * len(columns) + pad
@@ -143,10 +143,9 @@ def contact_sheet(result, columns):
     for c, (name, _, art) in enumerate(columns):
         x = label_w + c * cell_w
         colour = (0, 0, 0) if art is None else (PASS if art.ok else FAIL)
-        title = name if len(name) <= 24 else name[:21] + "..."
+        draw.text((x, 4), _fit(draw, name, font, tile), fill=colour, font=font)
         if art is not None:
-            title += f" [{art.kind}]"
-        draw.text((x, 4), title, fill=colour, font=font)
+            draw.text((x, 17), f"[{art.kind}]", fill=colour, font=font)
     for r, p in enumerate(result.prompts):
         y = head_h + r * cell_h
         draw.text((pad, y + tile // 2 - 12), p.name[:18], fill=(0, 0, 0), font=font)
@@ -162,9 +161,18 @@ def contact_sheet(result, columns):
                 colour = PASS if s.ok else FAIL
                 line1 = f"PSNR {_fmt_psnr(s.psnr)} SSIM {s.ssim:.4f}"
                 line2 = "ok" if s.ok else ("FAIL: " + s.failures[0])[:40]
-            draw.text((x, y + tile + 2), line1, fill=colour, font=font)
-            draw.text((x, y + tile + 15), line2, fill=colour, font=font)
+            draw.text((x, y + tile + 2), _fit(draw, line1, font, tile), fill=colour, font=font)
+            draw.text((x, y + tile + 15), _fit(draw, line2, font, tile), fill=colour, font=font)
     return sheet
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text`` cut (with an ellipsis) to ``width`` pixels, so that columns do not overlap."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while len(text) > 1 and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def _data_uri(pixels: np.ndarray) -> str:
