@@ -28,6 +28,10 @@ from convkit.sources import hf_quant, open_source
 pytest.importorskip("optimum.quanto")
 pytest.importorskip("torchao")
 
+from tests._quanto import one_build_at_a_time  # noqa: E402
+
+one_build_at_a_time()
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 #: folder kind -> (storage label of the decoded weights, relative RMSE bound vs the fp32 source)
 KINDS = {"quanto:int8": ("quanto:qint8", 0.01), "quanto:int4": ("quanto:qint4", 0.15),

@@ -30,6 +30,10 @@ from convkit.quantize.hf_libs import quantize_hf
 pytest.importorskip("optimum.quanto")
 pytest.importorskip("torchao")
 
+from tests._quanto import one_build_at_a_time  # noqa: E402
+
+one_build_at_a_time()
+
 TARGETS = ["quanto:int8", "quanto:int4", "quanto:fp8", "torchao:int8wo"]
 #: per-tensor relative RMSE of the dequantized weight (tiny models: Gaussian weights)
 WEIGHT_BOUND = {"quanto:int8": 0.01, "quanto:int4": 0.12, "quanto:fp8": 0.035,
