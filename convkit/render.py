@@ -110,6 +110,8 @@ def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torc
     they are in ``pipe.convkit_configs``."""
     import diffusers
 
+    if kinds is not None and not set(kinds) <= set(KINDS):
+        raise ValueError(f"kinds must be among {KINDS}, got {sorted(kinds)}")
     folders = _folders(config_from, path, base)
     with ExitStack() as stack:
         src = stack.enter_context(open_source(path))

@@ -148,7 +148,7 @@ class _Renderer:
     loaded (text encoders -> embeddings, diffusion model -> latents, VAE -> pixels): peak
     memory is the largest family's stored size, not the artifact's. The pipeline's own
     encode_prompt, __call__ (latent output) and the VAE decode it would do, so the pixels
-    equal a one-call render's (tests/test_verify.py)."""
+    equal a one-call render's (tests/test_render_stages.py)."""
 
     def __init__(self, ref: ModelRef, settings: RenderSettings, workdir: Path):
         self.ref, self.settings, self.workdir = ref, settings, workdir
