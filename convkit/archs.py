@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .data import list_files, load_toml
-from .errors import UnknownArchitectureError, UnknownNameError
+from .errors import InputFormatError, UnknownArchitectureError, UnknownNameError
 from .sources.base import TensorSource
 
 
@@ -48,8 +48,16 @@ class Arch:
     detect: dict[str, dict]
     source_file: str = ""
     single_file_layout: str = "sgm"
-    #: arguments of the diffusers pipeline's constructor the released model_index.json sets
-    pipeline_config: dict = field(default_factory=dict)
+    #: formats/<arch>.toml [model_index]: ``flags`` (pipeline arguments the released
+    #: model_index.json sets), ``absent`` (optional pipeline components written [null, null]),
+    #: ``released`` (the Hub repo the facts come from)
+    model_index: dict = field(default_factory=dict)
+
+    @property
+    def pipeline_config(self) -> dict:
+        """Arguments of the diffusers pipeline's constructor the released model_index.json
+        sets (its flags: a pipeline built in memory must get the same ones)."""
+        return dict(self.model_index.get("flags", {}))
 
     def layout(self, name: str) -> Layout:
         for lay in self.layouts:
@@ -70,7 +78,21 @@ def _parse(d: dict, filename: str) -> Arch:
                            x.get("title", "")) for x in d["layouts"])
     return Arch(d["name"], d.get("title", d["name"]), d.get("gguf_arch", d["name"]),
                 d.get("pipeline", ""), comps, layouts, d.get("detect", {}), filename,
-                d.get("single_file_layout", "sgm"), dict(d.get("pipeline_config", {})))
+                d.get("single_file_layout", "sgm"),
+                _model_index(d.get("model_index", {}), filename))
+
+
+def _model_index(d: dict, filename: str) -> dict:
+    """formats/<arch>.toml [model_index], checked: a typo here would silently write a
+    model_index.json diffusers loads differently."""
+    unknown = set(d) - {"flags", "absent", "released"}
+    flags, absent = d.get("flags", {}), d.get("absent", [])
+    if unknown or not isinstance(flags, dict) or not isinstance(absent, list) or \
+            not all(isinstance(a, str) for a in absent):
+        raise InputFormatError(
+            "[model_index] takes flags = {...}, absent = [names], released = \"owner/repo\""
+            + (f"; unknown: {sorted(unknown)}" if unknown else ""), path=filename)
+    return {"flags": dict(flags), "absent": list(absent), "released": d.get("released", "")}
 
 
 @functools.cache

@@ -167,6 +167,12 @@ def _folder_plan(plan: Plan, src, out: Path, items: list[Item], chosen: list[str
     return plan
 
 
+def _changes_layout(det: archs.Detection, layout: str) -> bool:
+    from .layouts.convert import target_layout
+
+    return target_layout(det.arch, layout).name != det.layout.name
+
+
 def _non_weight_files(raw, kept: set[str]) -> list[str]:
     root: Path = raw.path
     dropped = set(raw.components) - kept
@@ -188,14 +194,34 @@ def _non_weight_files(raw, kept: set[str]) -> list[str]:
 def convert(input: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp16", *,
             components: str | None = None, overwrite: bool = False, dry_run: bool = False,
             on_overflow: str = "clamp", detect: bool = True, variant: str | None = None,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None
+            max_shard_bytes: int | None = None, progress: Progress | None = None,
+            layout: str | None = None, config_from: str | os.PathLike | None = None
             ) -> ConvertResult:
-    """Convert ``input`` to ``dtype``, writing ``output`` (a file, or a folder for diffusers)."""
+    """Convert ``input`` to ``dtype``, writing ``output`` (a file, or a folder for diffusers);
+    ``layout``: another layout of the architecture (``single-file``, ``diffusers``, ...; see
+    :mod:`convkit.layouts.convert`), with configs taken from ``config_from`` when given."""
     ctx = CastContext(on_overflow=on_overflow, path=str(input))
-    registry.get("cast", dtype)
+    cast = registry.get("cast", dtype)
+    if (layout or config_from) and not detect:
+        raise UsageError("--layout and --config-from need a recognised architecture "
+                         "(drop --no-detect)")
     with open_source(input, variant=variant) as src:
         det = archs.detect(src) if detect else None
-        plan = plan_convert(src, Path(output), dtype, det, components, max_shard_bytes, ctx)
+        if config_from and not layout:
+            layout = det.layout.name
+        if layout and det is not None and (_changes_layout(det, layout) or config_from):
+            from .layouts.convert import plan_layout
+
+            note = dequant_note(src, cast.name)
+            plan = plan_layout(src, det, Path(output), layout, cast, ctx, components=components,
+                               config_from=config_from,
+                               **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes
+                                  else {}))
+            if note:
+                plan.notes.insert(0, note)
+        else:
+            plan = plan_convert(src, Path(output), dtype, det, components,
+                                max_shard_bytes or DEFAULT_SHARD_BYTES, ctx)
         plan.check(overwrite)
         result = ConvertResult(plan, det)
         if dry_run:

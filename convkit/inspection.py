@@ -15,6 +15,7 @@ import torch
 
 from . import archs
 from .errors import UnknownArchitectureError
+from .layouts import parts
 from .progress import Progress
 from .sources import open_source
 
@@ -40,19 +41,29 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
         report["storage"] = dict(src.encodings())
         report["aux_tensors"] = len(raw) - len(src)
         odd = report["odd"]
+        part = None
         try:
             det = archs.detect(src)
+            part = parts.from_detection(src, det)
         except UnknownArchitectureError as e:
             det = None
             report.update(architecture=None, layout=None)
+            # a lone text encoder or VAE has no diffusion model to detect an architecture by
+            part = parts.match_rules(src)
             from .lora.summary import summarize
 
-            lora = summarize(path) if src.format != "diffusers" else None
+            lora = summarize(path) if part is None and src.format != "diffusers" else None
             if lora is not None:
                 report["lora"] = lora
-            else:
+            elif part is None:
                 odd.append(e.detail)
         groups: dict[str, list[str]] = det.component_keys if det else {"(all)": src.keys()}
+        specs = {c: det.arch.components.get(c) for c in groups} if det else {}
+        if part is not None:
+            report["part"] = _part_entry(part)
+            if det is None:
+                group, spec = _part_group(part)
+                groups, specs = {group: src.keys()}, {group: spec}
         if det:
             report.update(architecture=det.arch.name, architecture_title=det.arch.title,
                           layout=det.layout.name, layout_title=det.layout.title)
@@ -69,7 +80,7 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
             infos = [src.info(k) for k in keys]
             logical = Counter(i.dtype for i in infos)
             stored = Counter(i.stored_as for i in infos)
-            spec = det.arch.components.get(comp) if det else None
+            spec = specs.get(comp)
             params = sum(i.numel for i in infos if not (spec and spec.is_buffer(i.name)))
             entry = {"tensors": len(infos), "params": params,
                      "bytes": sum(i.nbytes for i in infos), "dtypes": dict(logical),
@@ -90,6 +101,25 @@ def inspect(path: str | os.PathLike, *, scan: bool = False, variant: str | None 
         return report
 
 
+def _part_entry(part: parts.PartMatch) -> dict:
+    entry = {"kind": part.kind, "naming": part.naming, "prefix": part.prefix,
+             "title": part.title, "fits": part.fits}
+    if part.note:
+        entry["note"] = part.note
+    return entry
+
+
+def _part_group(part: parts.PartMatch) -> tuple[str, archs.Component | None]:
+    """The components-table row of a lone part: named after the component it fits (the kind
+    when its fits name different components), with that component's buffers and released size
+    when every fit agrees on them."""
+    specs = [archs.get(a).components[c] for a, c in part.archs]
+    names = {s.name for s in specs}
+    name = names.pop() if len(names) == 1 else part.kind
+    same = specs and all((s.params, s.buffers) == (specs[0].params, specs[0].buffers) for s in specs)
+    return name, (specs[0] if same else None)
+
+
 def _scan(src, progress: Progress) -> dict:
     """Load every logical tensor once (decoded) and count NaN/Inf."""
     bad = {}
@@ -106,6 +136,15 @@ def _scan(src, progress: Progress) -> dict:
     return {"tensors_scanned": len(src), "bad": bad}
 
 
+def _format_part(p: dict) -> list[str]:
+    prefix = f", prefix '{p['prefix']}'" if p["prefix"] else ", no prefix"
+    lines = [f"part:         {parts.label(p['kind'], p['title'])}{prefix}",
+             f"fits:         {', '.join(p['fits']) or 'no known architecture'}"]
+    if p.get("note"):
+        lines.append(f"note:         {p['note']}")
+    return lines
+
+
 def format_report(r: dict) -> str:
     lines = [f"{r['path']}  ({r['format']}, {r['file_bytes']:,d} bytes)"]
     if r.get("lora"):
@@ -116,8 +155,10 @@ def format_report(r: dict) -> str:
     if r.get("architecture"):
         lines.append(f"architecture: {r['architecture']} — {r.get('architecture_title', '')}")
         lines.append(f"layout:       {r['layout']} — {r.get('layout_title', '')}")
-    else:
+    elif not r.get("part"):
         lines.append("architecture: not recognised")
+    if r.get("part"):
+        lines += _format_part(r["part"])
     lines.append(f"tensors:      {r['tensors']:,d} logical   params: {r['params']:,d}   "
                  f"stored bytes: {r['tensor_bytes']:,d}")
     if r.get("quantization"):

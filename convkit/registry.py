@@ -27,11 +27,12 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "quantize": ("convkit.quantize.targets",),
     "lora-format": ("convkit.lora.write",),
     "sink": ("convkit.engine.sinks",),
+    "layout-target": ("convkit.layouts.targets",),
 }
 
 #: how a kind is called in messages ("unknown quantize target 'gguf:Q4K'")
 KIND_NAMES = {"cast": "dtype", "quantize": "quantize target", "lora-format": "LoRA format",
-              "sink": "output format"}
+              "sink": "output format", "layout-target": "split target (--for)"}
 
 
 @dataclass

@@ -86,6 +86,12 @@ def check_output(out: Path, inputs: Iterable[Path], overwrite: bool, need_bytes:
             problems.append(UsageError("output would overwrite an input", path=out,
                                        hint="choose a different output path"))
             return problems
+        if p.is_dir() and p in out_res.parents:
+            # a folder input is read as a whole (a diffusers model): a new file inside it
+            # would change what the input is
+            problems.append(UsageError(f"output is inside the input folder {p}", path=out,
+                                       hint="write outside the input folder"))
+            return problems
     if out.exists() and not overwrite:
         problems.append(OutputExistsError("output already exists", path=out,
                                           hint="pass --overwrite to replace it"))

@@ -17,6 +17,7 @@ from .common import ConvkitGroup, quiet_third_party_logs  # noqa: E402
 from .convert_cmd import convert  # noqa: E402
 from .demo_cmd import demo  # noqa: E402
 from .inspect_cmd import inspect  # noqa: E402
+from .layout_cmds import assemble_cmd, split_cmd  # noqa: E402
 from .lora_cmds import convert_lora_cmd, extract_lora_cmd, merge_lora_cmd  # noqa: E402
 from .quantize_cmd import quantize_cmd  # noqa: E402
 from .verify_cmd import verify_cmd  # noqa: E402
@@ -34,6 +35,8 @@ def main():
     Examples:
       convkit inspect model.safetensors
       convkit convert model.safetensors model-fp16.safetensors --dtype fp16
+      convkit convert model.safetensors ./model-diffusers --layout diffusers
+      convkit split model.safetensors -o comfy-models --for comfyui
       convkit quantize model.safetensors model-Q8_0.gguf --to gguf:Q8_0
       convkit verify model-Q8_0.gguf --reference model.safetensors --report report/
       convkit demo
@@ -41,8 +44,8 @@ def main():
     quiet_third_party_logs()
 
 
-for _cmd in (inspect, convert, quantize_cmd, merge_lora_cmd, extract_lora_cmd, convert_lora_cmd,
-             verify_cmd, demo):
+for _cmd in (inspect, convert, split_cmd, assemble_cmd, quantize_cmd, merge_lora_cmd,
+             extract_lora_cmd, convert_lora_cmd, verify_cmd, demo):
     main.add_command(_cmd)
 
 __all__ = ["main"]

@@ -24,19 +24,32 @@ from .common import (RegistryChoice, dry_run_option, emit_plan_or_json, output_o
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-detect", is_flag=True, help="Do not require a known architecture.")
 @click.option("--variant", default=None, help="diffusers weight variant to read (e.g. fp16).")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="diffusers folders: largest weight file before sharding.")
+@click.option("--max-shard-size", default=None,
+              help="diffusers folders: largest weight file before sharding "
+                   "[default: 5GB; 10GB for a new folder, as save_pretrained].")
+@click.option("--layout", default=None, metavar="LAYOUT",
+              help="Write another layout of the architecture: single-file (the full "
+                   "checkpoint ComfyUI/Forge/A1111 load), diffusers (a pipeline folder with "
+                   "model_index.json, configs, scheduler and tokenizers), or one of the "
+                   "architecture's own (sgm, sgm-unet, bfl, comfy, diffusers-unet, "
+                   "diffusers-transformer; `convkit inspect` lists them). Default: the input's.")
+@click.option("--config-from", type=click.Path(file_okay=False), default=None,
+              help="A diffusers folder whose component configs, tokenizers and scheduler the "
+                   "diffusers output takes (the weights must fit its configs).")
 @output_options
 def convert(input, output, dtype, components, on_overflow, dry_run, overwrite, no_detect,
-            variant, max_shard_size, quiet, as_json):
+            variant, max_shard_size, layout, config_from, quiet, as_json):
     """Convert float precision, streaming one tensor at a time.
 
-    A single file gives a single file; a diffusers folder gives a diffusers folder.
-    fp16 -> fp32 -> fp16 round-trips bit-exactly.
+    A single file gives a single file and a diffusers folder a diffusers folder, unless
+    --layout says otherwise. fp16 -> fp32 -> fp16 and single file -> diffusers -> single file
+    round-trip bit-exactly.
 
     \b
     Examples:
       convkit convert sd_xl_base_1.0.safetensors sdxl-fp16.safetensors --dtype fp16
+      convkit convert sd_xl_base_1.0.safetensors ./sdxl-diffusers --layout diffusers
+      convkit convert ./sdxl-diffusers sdxl.safetensors --layout single-file --dtype fp16
       convkit convert model.safetensors unet-bf16.safetensors --dtype bf16 --components unet
       convkit convert ./diffusers-model ./diffusers-model-fp16 --dtype fp16 --dry-run
     """
@@ -44,8 +57,10 @@ def convert(input, output, dtype, components, on_overflow, dry_run, overwrite, n
 
     result = do_convert(input, output, dtype, components=components, overwrite=overwrite,
                         dry_run=dry_run, on_overflow=on_overflow, detect=not no_detect,
-                        variant=variant, max_shard_bytes=parse_size(max_shard_size),
-                        progress=progress(quiet, as_json))
+                        variant=variant, progress=progress(quiet, as_json), layout=layout,
+                        config_from=config_from,
+                        **({"max_shard_bytes": parse_size(max_shard_size)} if max_shard_size
+                           else {}))
     if emit_plan_or_json(result, as_json=as_json, dry_run=dry_run, quiet=quiet):
         return
     s = result.stats

@@ -150,6 +150,9 @@ def execute(plan: Plan, *, progress: Progress | None = None, overwrite: bool = F
                 if getattr(f, "fill", None) is not None:
                     sinks[fid].fill(f.fill)
                 sinks[fid].commit()
+            for fid, fo in plan.folders.items():
+                for make in fo.late_files:
+                    _write_files(stages[fid], make(stages[fid]))
         # (leaving the stack renamed the staged folders into place)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; no output was written", path=plan.out) from None
@@ -176,7 +179,11 @@ def _fill_folder(fo, stage: Path) -> None:
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
-    for rel, data in fo.extra_files.items():
+    _write_files(stage, fo.extra_files)
+
+
+def _write_files(stage: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(data)

@@ -102,6 +102,48 @@ class Const(Op):
         return [(o, 0, as_bytes(self.values[o.key])) for o in item.outs]
 
 
+class Rows(Op):
+    """Row ranges of one source tensor to row ranges of one or more outputs, cast on the way:
+    a fused tensor split into its parts (OpenCLIP ``in_proj``, Flux ``qkv``/``linear1``), a part
+    placed into a fused output that other items fill too, or halves swapped (Flux adaLN).
+    Chunked: rows are contiguous along dim 0, so any element range of the source lands in
+    contiguous byte ranges of its outputs.
+
+    ``item.extra["rows"]``: ``[(src_row_start, src_row_stop, out index, out row start)]``;
+    ``item.extra["row"]``: elements per row."""
+
+    name = "rows"
+
+    def __init__(self, ctx: CastContext, label: str = "rows"):
+        self.ctx, self.label = ctx, label
+
+    def run(self, item, worker, start, count, xs):
+        x = xs[0].reshape(-1)
+        start = start if count is not None else 0
+        n = x.numel()
+        row = item.extra["row"]
+        tdt = dtypes.to_torch(item.outs[0].dtype)
+        if x.dtype != tdt and x.is_floating_point():
+            buf = worker.tensor("out0", item.outs[0].dtype, n)
+            cast_into(item.name, x, buf, self.ctx)
+            x = buf
+        size = dtypes.itemsize(item.outs[0].dtype)
+        writes = []
+        for a, b, k, at in item.extra["rows"]:
+            lo, hi = max(a * row, start), min(b * row, start + n)
+            if lo >= hi:
+                continue
+            o = item.outs[k]
+            off = (at * row + lo - a * row) * size
+            writes.append((o, off, x[lo - start:hi - start].view(torch.uint8)))
+        return writes
+
+    def describe(self, item):
+        verb = "decode+" if item.storage else ""
+        cast = "cast+" if item.src_dtype != item.dtype else ""
+        return f"{verb}{cast}{self.label}"
+
+
 class Transform(Op):
     """Key-map transforms between layouts on whole tensors (transpose, 1x1 conv reshape, swap
     halves, concatenation of fused parts, rows of a fused tensor), then a cast."""

@@ -90,6 +90,9 @@ class Item:
 
     @property
     def out_bytes(self) -> int:
+        # an item filling part of a shared output (a fused tensor) counts its rows only
+        if "out_bytes" in self.extra:
+            return self.extra["out_bytes"]
         return sum(o.nbytes for o in self.outs)
 
     @property
@@ -118,6 +121,10 @@ class OutFolder:
     path: Path
     extra_files: dict[str, bytes] = field(default_factory=dict)    # rel -> bytes written anew
     copies: dict[str, Path] = field(default_factory=dict)           # rel -> file copied as is
+    #: called with the staged folder after every file of the plan is committed into it, before
+    #: the folder is renamed into place; returns more files to write (rel -> bytes), e.g. a
+    #: manifest with the sha256 of the written files
+    late_files: list = field(default_factory=list)
 
 
 @dataclass
@@ -155,7 +162,16 @@ class Plan:
         return f
 
     def outs_of(self, file_id: str) -> list[Out]:
-        return [o for it in self.items for o in it.outs if o.file == file_id]
+        """The file's output tensors in plan order; an output several items fill (the parts of
+        a fused tensor) is listed once."""
+        seen: set[int] = set()
+        out = []
+        for it in self.items:
+            for o in it.outs:
+                if o.file == file_id and id(o) not in seen:
+                    seen.add(id(o))
+                    out.append(o)
+        return out
 
     # -- sizes ----------------------------------------------------------------------------------
     @property

@@ -55,6 +55,11 @@ def is_diffusers_folder(path: Path) -> bool:
                                   and bool(component_weight_files(path))))
 
 
+# model_index.json classes that have no weights of their own (tokenizers, schedulers, image
+# processors): every other listed class is a model whose folder must hold weights
+_WEIGHTLESS = ("Tokenizer", "TokenizerFast", "Scheduler", "Processor", "FeatureExtractor")
+
+
 class DiffusersFolder(TensorSource):
     def __init__(self, path, variant: str | None = None):
         path = Path(path)
@@ -78,10 +83,18 @@ class DiffusersFolder(TensorSource):
             prefixes = {"": ""}
         self.lone_component = not self.model_index
         self.configs: dict[str, dict] = {}      # component -> its config.json (if any)
+        self.component_metadata: dict[str, dict] = {}   # component -> its first file's metadata
         for comp, prefix in prefixes.items():
             folder = path / comp if comp else path
             files = component_weight_files(folder, variant) if folder.is_dir() else []
             if not files:
+                cls = self.model_index.get(comp, [None, None])[-1] if comp else None
+                if cls and not str(cls).endswith(_WEIGHTLESS):
+                    raise InputFormatError(
+                        f"{comp}/ is in model_index.json ({cls}) but has no weights"
+                        + (f" for variant '{variant}'" if variant else ""), path=path,
+                        hint=f"add the {comp} weights, or set \"{comp}\": [null, null] in "
+                             "model_index.json to say the model has none")
                 continue
             self.components[comp] = files
             cfg = folder / "config.json"
@@ -102,6 +115,8 @@ class DiffusersFolder(TensorSource):
                     self._parts[key] = (src, info.name)
                 if not self.metadata and src.metadata:
                     self.metadata = dict(src.metadata)
+                if comp not in self.component_metadata:
+                    self.component_metadata[comp] = dict(src.metadata or {})
         if not self._infos:
             raise InputFormatError("no weight files found (expected <component>/"
                                    "diffusion_pytorch_model.safetensors or model.safetensors)",

@@ -1,0 +1,1 @@
+"""Layouts and variants: single file <-> diffusers folder, split into parts, assemble."""
