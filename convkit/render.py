@@ -48,10 +48,10 @@ def tokenizer_for(arch: archs.Arch, comp: str, folders: list[Path]):
     from . import tokenizers
 
     if kind in tokenizers.kinds():
-        return tokenizers.clip_tokenizer(kind)
+        return tokenizers.tokenizer(kind)
     raise UsageError(f"no tokenizer for {arch.name}'s {comp} ({kind or 'unknown kind'}): convkit "
-                     "ships CLIP's only", hint=f"give a model folder with {folder_name}/ as "
-                                               "--config-from")
+                     "ships CLIP's and T5's only", hint=f"give a model folder with {folder_name}/ "
+                                                        "as --config-from")
 
 
 def scheduler_for(arch: archs.Arch, folders: list[Path], class_name: str | None = None,

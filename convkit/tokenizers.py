@@ -29,7 +29,22 @@ def _spec() -> dict:
 
 
 def kinds() -> tuple[str, ...]:
-    return tuple(_spec()["kinds"])
+    """Every tokenizer kind convkit ships: the CLIP ones and T5."""
+    return tuple(_spec()["kinds"]) + ("t5",)
+
+
+def _t5_files() -> dict[str, bytes]:
+    spec = data.load_toml("tokenizers/t5.toml")
+    path = data.path("tokenizers/" + spec["file"])
+    raw = gzip.decompress(path.read_bytes())
+    if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
+        raise InputFormatError(f"{path}: not the T5 tokenizer convkit ships (sha256 differs); "
+                               "reinstall convkit or fix CONVKIT_FORMATS_DIR")
+    cfg = dict(spec["config"])
+    special = {k: cfg[k] for k in ("eos_token", "pad_token", "unk_token")}
+    return {"tokenizer.json": raw,
+            "tokenizer_config.json": json.dumps(cfg, indent=2).encode("utf-8"),
+            "special_tokens_map.json": json.dumps(special, indent=2).encode("utf-8")}
 
 
 def byte_symbols() -> list[str]:
@@ -65,7 +80,9 @@ def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
 
 def tokenizer_files(kind: str) -> dict[str, bytes]:
-    """The files of a Hub-style CLIP tokenizer folder of ``kind`` (clip_l, clip_g)."""
+    """The files of a Hub-style tokenizer folder of ``kind`` (clip_l, clip_g, t5)."""
+    if kind == "t5":
+        return _t5_files()
     spec = _spec()
     if kind not in spec["kinds"]:
         raise UnknownNameError("tokenizer", kind, tuple(spec["kinds"]))
@@ -82,7 +99,7 @@ def tokenizer_files(kind: str) -> dict[str, bytes]:
 
 def clip_tokenizer_folder(kind: str) -> Path:
     """A tokenizer folder for ``kind`` in convkit's cache (written once, atomically)."""
-    spec = _spec()
+    spec = _spec() if kind != "t5" else data.load_toml("tokenizers/t5.toml")
     key = hashlib.sha256(json.dumps([spec, kind], sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / "tokenizers" / f"{kind}-{key}"
     if (folder / "special_tokens_map.json").is_file():
@@ -98,6 +115,16 @@ def clip_tokenizer_folder(kind: str) -> Path:
             p.unlink()
         tmp.rmdir()
     return folder
+
+
+@functools.cache
+def tokenizer(kind: str):
+    """transformers' tokenizer of ``kind`` (CLIP or T5), loaded from the local folder."""
+    if kind != "t5":
+        return clip_tokenizer(kind)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(clip_tokenizer_folder(kind)), local_files_only=True)
 
 
 @functools.cache

@@ -188,3 +188,25 @@ def test_lora_part_is_extract_lora(tmp_path):
         assert torch.equal(a[k], b[k]), k
     m = json.loads((tmp_path / "o/manifest.json").read_text())
     assert m["parts"][0]["part"] == "lora" and m["parts"][0]["files"][0]["sha256"] == _sha(got)
+
+
+def test_cli_dry_run_writes_nothing_and_json_describes_the_plan(tmp_path, singles):
+    from click.testing import CliRunner
+
+    from convkit.cli import main
+
+    src = singles["sdxl"]
+    r = CliRunner().invoke(main, ["split", str(src), "-o", str(tmp_path / "o"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "text_encoders/sdxl_clip_g.safetensors" in r.output and "split rows" in r.output
+    r = CliRunner().invoke(main, ["assemble", "--unet", str(src), "--vae", str(src), "-o",
+                                  str(tmp_path / "x.safetensors"), "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["dry_run"] and d["plan"]["tensors"] > 0
+    assert any("text_encoder" in n for n in d["notes"])       # the parts not given
+    r = CliRunner().invoke(main, ["split", str(src), "-o", str(tmp_path / "o"), "--json",
+                                  "--parts", "unet,vae", "--dtype", "fp16"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["bytes_written"] > 0
+    assert list(tmp_path.iterdir()) == [tmp_path / "o"]
