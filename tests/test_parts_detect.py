@@ -199,6 +199,18 @@ def test_convkit_part_metadata_narrows_the_fits(models, tmp_path):
         assert parts.detect_part(src).archs == (("sdxl", "vae"),)
 
 
+def test_a_prefix_says_whose_part_it_is(models, tmp_path):
+    """The refiner's OpenCLIP prefix is not the base's: a refiner text encoder fits the
+    refiner only; bare names fit both."""
+    path = _write(models, tmp_path, "sdxl_refiner", "text_encoder_2", "single",
+                  "conditioner.embedders.0.model.")
+    with open_source(path) as src:
+        assert parts.detect_part(src).archs == (("sdxl_refiner", "text_encoder_2"),)
+    path = _write(models, tmp_path, "sdxl_refiner", "text_encoder_2", "single", "")
+    with open_source(path) as src:
+        assert len(parts.detect_part(src).archs) == 2
+
+
 def test_as_detection_refuses_a_component_of_another_kind(models, tmp_path):
     path = _write(models, tmp_path, "sd15", "text_encoder", "single", "")
     with open_source(path) as src:
@@ -220,8 +232,8 @@ def test_inspect_reports_the_part(models, tmp_path):
     assert r["architecture"] is None and not r["odd"] and "lora" not in r
     assert r["part"] == {"kind": "clip_l", "naming": "single", "prefix": prefix,
                          "title": "CLIP-L text encoder (transformers names)",
-                         "fits": ["flux_dev/text_encoder", "flux_schnell/text_encoder",
-                                  "sd15/text_encoder", "sdxl/text_encoder"]}
+                         # the prefix is the Flux all-in-one layout's: Flux's CLIP-L
+                         "fits": ["flux_dev/text_encoder", "flux_schnell/text_encoder"]}
     row = r["components"]["text_encoder"]
     assert row["tensors"] == len(models["flux_dev"][2]["text_encoder"])
     assert row["params"] == sum(v.numel() for v in models["flux_dev"][1]["text_encoder"].values())

@@ -229,7 +229,7 @@ def test_bad_size_gate_key_and_report_folder(files, tmp_path):
 @pytest.mark.parametrize("arch", ["sd15", "flux_dev"])
 def test_other_architectures_render_and_pass(arch, tmp_path):
     """SD1.5 (Euler trailing) and Flux (flow-matching Euler, embedded guidance 3.5, sizes in
-    16-pixel units; the T5 tokenizer from the model folder: convkit ships CLIP's only)."""
+    16-pixel units; the T5 tokenizer from the model folder: the tiny T5 has a tiny vocabulary)."""
     from convkit import tiny
 
     m = tiny.build(arch, 0)

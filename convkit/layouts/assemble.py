@@ -70,23 +70,11 @@ def resolve_part(src, arch: archs.Arch, part: str, path: str) -> Source:
     spec = part_names()[part]
     if m.kind not in spec["keymaps"]:
         raise UsageError(f"{flag(part)} is a {m.title}, not a {spec['title']}", path=path)
-    fits = _fits_by_prefix(m)
-    if (arch.name, comp) not in fits:
-        others = sorted({archs.get(a).title for a, _ in fits})
+    if (arch.name, comp) not in m.archs:
+        others = sorted({archs.get(a).title for a, _ in m.archs})
         raise UsageError(f"{flag(part)} is the {m.title} of {', '.join(others)}; --unet is "
                          f"{arch.title}", path=path)
     return Source(0, src, as_detection(src, m, arch.name, comp), comp, flag(part))
-
-
-def _fits_by_prefix(m) -> tuple:
-    """The (architecture, component) pairs a part can be, narrowed by its prefix: a prefix one
-    architecture's layouts use for that component says whose part it is (the refiner's text
-    encoder is under conditioner.embedders.0.model., the base's under ...1.model.)."""
-    if not m.prefix:
-        return m.archs
-    own = tuple((a, c) for a, c in m.archs
-                if any(lay.prefixes.get(c) == m.prefix for lay in archs.get(a).layouts))
-    return own or m.archs
 
 
 def _is_lone(det: archs.Detection) -> bool:

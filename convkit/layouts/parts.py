@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace, field
 
 from .. import archs
 from ..data import formats_dir, load_toml
@@ -201,7 +201,18 @@ def match_rules(src) -> PartMatch | None:
         return None
     best = max(m for m, _ in found)
     top = [p for m, p in found if m == best]
-    return _apply_metadata(src, top[0]) if len(top) == 1 else None
+    return _apply_metadata(src, _narrow_by_prefix(top[0])) if len(top) == 1 else None
+
+
+def _narrow_by_prefix(m: PartMatch) -> PartMatch:
+    """A prefix that only some architectures' layouts use for the component says whose part it
+    is (the refiner's text encoder sits under conditioner.embedders.0.model., the base's
+    OpenCLIP under conditioner.embedders.1.model.): keep those pairs."""
+    if not m.prefix:
+        return m
+    own = tuple((a, c) for a, c in m.archs
+                if any(lay.prefixes.get(c) == m.prefix for lay in archs.get(a).layouts))
+    return replace(m, archs=own) if own else m
 
 
 def candidates(src) -> list[tuple[tuple[int, int], PartMatch]]:

@@ -131,8 +131,12 @@ def plan_split(src, det: archs.Detection, out: Path, target: LayoutTarget, *,
             rule = target.rule(arch, p)
             rel = files_of[p]
             if p in to:
-                records.append((p, comp, rule, [_add_quantized(plan, src, det, out, rel, to[p],
-                                                               target, p, files_of)]))
+                f = _add_quantized(plan, src, det, out, rel, to[p], target, p, files_of)
+                if f.sink == "gguf" and rule.gguf_loader:
+                    from dataclasses import replace
+
+                    rule = replace(rule, loader=rule.gguf_loader)
+                records.append((p, comp, rule, [f]))
                 continue
             naming = "diffusers" if rule.naming == "diffusers" else "single"
             new = rel not in plan.files

@@ -40,6 +40,7 @@ class PartRule:
     loader: str = ""
     format: str = ""           # lora: the LoRA format written
     archs: tuple[str, ...] = ()
+    gguf_loader: str = ""      # what loads the part when it is a GGUF (--to gguf:...)
 
     def prefix_for(self, arch: archs.Arch, comp: str) -> str:
         if self.prefix == "@full":
@@ -64,7 +65,7 @@ class LayoutTarget:
 def _parse(name: str, d: dict) -> LayoutTarget:
     rules = {part: tuple(PartRule(part, r["file"], r.get("naming", "single"), r.get("prefix", ""),
                                   r.get("loader", ""), r.get("format", ""),
-                                  tuple(r.get("archs", ())))
+                                  tuple(r.get("archs", ())), r.get("gguf_loader", ""))
                          for r in rs)
              for part, rs in d["parts"].items()}
     return LayoutTarget(name, d.get("title", name), rules, d.get("diffusers_folder", False))
