@@ -18,6 +18,7 @@ from . import archs, registry
 from .casts import CastContext
 from .engine import Item, Out, OutFile, OutFolder, Plan, RunStats, Src, execute
 from .engine.ops import Cast
+from .engine.plan import shard_name, shards
 from .errors import UsageError
 from .progress import Progress
 from .provenance import output_metadata
@@ -123,18 +124,11 @@ def _folder_plan(plan: Plan, src, out: Path, items: list[Item], chosen: list[str
     for comp, its in by_comp.items():
         stem = raw.components[comp][0].name.split(".")[0]
         sub = f"{comp}/" if comp else ""
-        shards: list[list[Item]] = [[]]
-        size = 0
-        for it in its:
-            if shards[-1] and size + it.out_bytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(it)
-            size += it.out_bytes
-        n = len(shards)
+        runs = shards(its, lambda it: it.out_bytes, max_shard_bytes)
+        n = len(runs)
         weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"{stem}.safetensors" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+        for i, shard in enumerate(runs, 1):
+            name = shard_name(stem, i, n)
             fid = sub + name
             plan.add_file(OutFile(fid, out / fid, metadata=dict(meta), folder=""))
             for it in shard:

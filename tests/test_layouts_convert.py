@@ -60,7 +60,7 @@ def test_diffusion_model_round_trip_is_bit_exact(tmp_path, tinies, arch):
     _same(orig, _tensors(tmp_path / "s.safetensors"))
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("arch", ["flux_dev", "sdxl"])
 def test_fused_rows_equal_the_key_map_in_chunks(tmp_path, tinies, monkeypatch, arch, workers):
     """Tiny chunks cut the fused tensors (Flux qkv / linear1 / adaLN halves, OpenCLIP in_proj)

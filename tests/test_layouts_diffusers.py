@@ -165,3 +165,20 @@ def test_flux_single_file_and_folder_hold_the_same_weights(made):
                 assert k == "encoder.embed_tokens.weight", (comp, k)
                 continue
             assert torch.equal(v, sb[k]), (comp, k)
+
+
+def test_large_components_are_sharded_as_save_pretrained_does(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    t = tiny.build("sdxl")
+    single = tiny.save_single_file(t, tmp_path / "m.safetensors")
+    convert(single, tmp_path / "f", "fp32", layout="diffusers", max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "f/unet/diffusion_pytorch_model.safetensors.index.json")
+                       .read_text())
+    shards = sorted(p.name for p in (tmp_path / "f/unet").glob("*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    unet, info = UNet2DConditionModel.from_pretrained(tmp_path / "f/unet",
+                                                      output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for k, v in t.components["unet"].state_dict().items():
+        assert torch.equal(unet.state_dict()[k], v), k

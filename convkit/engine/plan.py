@@ -54,6 +54,26 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return n // bs * ts
 
 
+def shards(things: list, size, max_bytes: int) -> list[list]:
+    """``things`` cut, in order, into runs of at most ``max_bytes`` (``size(thing)``; a thing
+    larger than that is a run of its own), as save_pretrained shards a model."""
+    out: list[list] = [[]]
+    total = 0
+    for t in things:
+        n = size(t)
+        if out[-1] and total + n > max_bytes:
+            out.append([])
+            total = 0
+        out[-1].append(t)
+        total += n
+    return out
+
+
+def shard_name(stem: str, i: int, n: int) -> str:
+    """diffusers/transformers shard file names: ``stem-00001-of-00003.safetensors``."""
+    return f"{stem}.safetensors" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+
+
 @dataclass
 class Item:
     """One unit of work (see the module docstring)."""

@@ -11,6 +11,7 @@ from .. import archs
 from ..casts import CastContext
 from ..configs import ResolvedConfig
 from ..engine import OutFile, OutFolder, Plan
+from ..engine.plan import shard_name, shards
 from ..loading import component_tensors, resolve_config
 from ..provenance import output_metadata
 from .plan import CLIP_L_SPELLING, EXTRAS_KEY, Placement, plan_component
@@ -89,18 +90,11 @@ def add_diffusers_component(plan: Plan, folder: OutFolder, s: Source, comp: str,
             if id(o) not in seen:
                 seen.add(id(o))
                 outs.append(o)
-    shards: list[list] = [[]]
-    size = 0
-    for o in outs:
-        if shards[-1] and size + o.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(o)
-        size += o.nbytes
-    n = len(shards)
+    runs = shards(outs, lambda o: o.nbytes, max_shard_bytes)
+    n = len(runs)
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"{stem}.safetensors" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+    for i, shard in enumerate(runs, 1):
+        name = shard_name(stem, i, n)
         sid = fid if n == 1 else f"{fid}-{i}"
         plan.add_file(OutFile(sid, folder.path / sub / name, metadata=dict(fmeta),
                               folder=folder.id))
