@@ -84,7 +84,9 @@ def test_forge_and_sdcpp_keep_sd_text_encoders_in_the_model_file(tmp_path, singl
     assert any(k.startswith("model.diffusion_model.") for k in keys)
     assert "conditioner.embedders.1.model.text_projection" in keys
     assert not any(k.startswith("first_stage_model.") for k in keys)
-    split(singles["flux_dev"], tmp_path / "sdcpp", "sdcpp", name="f")
+    r = split(singles["flux_dev"], tmp_path / "sdcpp", "sdcpp", name="f")
+    assert ("load with: sd-cli --diffusion-model f.safetensors --clip_l f_clip_l.safetensors "
+            "--t5xxl f_t5xxl.safetensors --vae f_vae.safetensors") in r.plan.notes
     assert _files(tmp_path / "sdcpp") == ["f.safetensors", "f_clip_l.safetensors",
                                           "f_t5xxl.safetensors", "f_vae.safetensors",
                                           "manifest.json"]

@@ -155,8 +155,26 @@ def plan_split(src, det: archs.Detection, out: Path, target: LayoutTarget, *,
             "{component}", comp))
     if want_lora:
         records.append(_add_lora(plan, folder, src, det, out, target, name, lora))
+    command = _command_line(records, out)
+    if command:
+        plan.notes.append(f"load with: {command}")
     folder.late_files.append(_manifest_maker(plan, src, det, target, records, out))
     return plan
+
+
+def _command_line(records, out: Path) -> str:
+    """The tool's command line for the parts, when its loaders are flags (sd.cpp: `sd-cli -m
+    FILE --vae FILE`, formats/layouts/sdcpp.toml)."""
+    args, seen = [], set()
+    for _, _, rule, files in records:
+        words = rule.loader.split()
+        if len(words) < 2 or words[0] != "sd-cli" or not words[1].startswith("-"):
+            continue
+        path = str(files[0].path.relative_to(out))
+        if (words[1], path) not in seen and "(inside" not in rule.loader:
+            seen.add((words[1], path))
+            args += [words[1], path]
+    return " ".join(["sd-cli"] + args) if args else ""
 
 
 @dataclass
