@@ -280,8 +280,9 @@ def _apply_metadata(src, match: PartMatch) -> PartMatch:
         return match
     arch, _, comp = str(value).partition("/")
     if (arch, comp) in match.archs:
+        # convkit wrote it: what the keys alone cannot tell is known, so no caveat
         return PartMatch(match.kind, match.naming, match.prefix, match.keys, match.title,
-                         ((arch, comp),), match.note)
+                         ((arch, comp),), "")
     why = f"metadata {PART_METADATA} = '{value}' does not fit these keys; ignored"
     return PartMatch(match.kind, match.naming, match.prefix, match.keys, match.title, match.archs,
                      f"{match.note}; {why}" if match.note else why)
