@@ -292,3 +292,18 @@ def test_full_size_flux_names_match_diffusers_converter():
         conv = sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(ck))
         ref = meta_state_dicts(arch)["transformer"]
         assert {k: tuple(v.shape) for k, v in conv.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+
+
+def test_clip_spelling_from_the_version_agrees_with_the_class():
+    """The installed transformers' CLIPTextModel spelling, told from its version number, is
+    what the class itself has."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from convkit.keymap import maps
+
+    cfg = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, vocab_size=8, max_position_embeddings=4)
+    with torch.device("meta"):
+        keys = CLIPTextModel(cfg).state_dict()
+    assert maps._clip_is_flat() == (not any(k.startswith("text_model.") for k in keys))

@@ -33,7 +33,21 @@ class KeyMapError(ConvkitError, KeyError):
 
 @functools.lru_cache(maxsize=1)
 def _clip_is_flat() -> bool:
-    """True when the installed transformers' CLIPTextModel has no ``text_model.`` wrapper."""
+    """True when the installed transformers' CLIPTextModel has no ``text_model.`` wrapper.
+
+    Known versions are answered from the version number (importing transformers' CLIP model
+    costs seconds, a large share of planning a layout change): 4.x has the wrapper, >= 5.6 has
+    not; anything else is asked of the class itself."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        major = minor = -1
+    if major == 4:
+        return False
+    if (major, minor) >= (5, 6):
+        return True
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
