@@ -177,8 +177,10 @@ def _configs(arch, sources, config_from):
         except ConvkitError as e:
             failed = failed or e
     check_consistency(arch, sources, solo)
-    if failed is not None:
-        raise failed
+    if failed is None:
+        return solo
+    # a config that could only be inferred with its neighbours' widths (the pooled text
+    # embedding of an SDXL UNet): resolve once more, all together
     return resolve_configs(arch, sources, given)
 
 
