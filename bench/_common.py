@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -146,3 +148,68 @@ def report(rows: list[tuple[str, dict]], baseline: str) -> str:
         out.append(f"{name:<28} {r['seconds']:>8.2f} {r['seconds'] / base['seconds']:>8.3f} "
                    f"{med:>9.2f} {med / bmed:>8.3f} {r['peak_rss_mb']:>12.0f}")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- bench tables
+
+
+def human(b: float) -> str:
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
+def size_of(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.exists() else 0
+
+
+def remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        drop(p)
+
+
+def loadavg() -> list[str]:
+    return open("/proc/loadavg").read().split()[:3]
+
+
+def fmt(x, fmt="{:.2f}"):
+    return "—" if x is None else fmt.format(x)
+
+
+def summarise_runs(prefix: str, runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    d: dict = {}
+    if not ok:
+        if runs:
+            d[f"{prefix}_error"] = runs[0].get("error")
+            d[f"{prefix}_traceback"] = runs[0].get("stderr_tail")
+        return d
+    secs = [r["seconds"] for r in ok]
+    d[f"{prefix}_best_s"] = min(secs)
+    d[f"{prefix}_median_s"] = statistics.median(secs)
+    d[f"{prefix}_all_s"] = [round(x, 3) for x in secs]
+    d[f"{prefix}_peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    if "out_bytes" in ok[-1]:
+        d[f"{prefix}_out_bytes"] = ok[-1]["out_bytes"]
+    if len(ok) < len(runs):
+        d[f"{prefix}_failed_runs"] = len(runs) - len(ok)
+        bad = next(r for r in runs if "error" in r)
+        d[f"{prefix}_error"] = bad.get("error")
+        d[f"{prefix}_traceback"] = bad.get("stderr_tail")
+    return d
+
+
+def bench_source(args, workdir: Path) -> Path:
+    """The input a bench runs on: --tiny (convkit's tiny SDXL, real layout), --input FILE, or
+    the full-size random SDXL."""
+    if args.tiny:
+        src = workdir / "table_tiny_sdxl.safetensors"
+        if not src.exists():
+            from convkit import tiny
+            tiny.save_single_file(tiny.build("sdxl", 0), str(src))
+        return src
+    if args.input:
+        return Path(args.input)
+    return full_size_checkpoint("sdxl", "F32")

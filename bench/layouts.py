@@ -55,8 +55,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -66,7 +64,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _common
-from _common import WARM, drop, evict, full_size_checkpoint, run_measured
+from _common import (
+    WARM,
+    bench_source,
+    drop,
+    evict,
+    fmt,
+    human,
+    loadavg,
+    remove,
+    run_measured,
+    size_of,
+    summarise_runs,
+)
 
 # -- measured code (each runs in a fresh process through _common.run_measured, whose wrapper
 # starts the clock ``t0`` before this code; argv[1] is a JSON file for the row's own numbers) --
@@ -223,22 +233,6 @@ ORDER = ["1a", "4", "4h", "1b", "2", "3", "3h"]  # run order (disk)
 RANK = {"1a": 0, "1b": 1, "2": 2, "3": 3, "3h": 4, "4": 5, "4h": 6}     # report order
 
 
-def _human(b: float) -> str:
-    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
-
-
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size if p.exists() else 0
-
-
-def _rm(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        drop(p)
-
 
 def _free(d: Path) -> int:
     st = os.statvfs(d)
@@ -257,9 +251,6 @@ def source_fingerprint() -> str:
         h.update(p.read_bytes())
     return h.hexdigest()[:12]
 
-
-def _loadavg() -> list[str]:
-    return open("/proc/loadavg").read().split()[:3]
 
 
 def _weights(folder: Path) -> list[Path]:
@@ -313,7 +304,7 @@ class Bench:
         if p is not None and p.exists():
             return p
         p = self.kept_path(key)
-        _rm(p)
+        remove(p)
         src = self.half() if key.endswith("16") else self.src
         self.check_disk(src.stat().st_size, f"making {p.name}")
         print(f"  making {p.name} (unmeasured) ...", file=sys.stderr)
@@ -335,8 +326,8 @@ class Bench:
     def check_disk(self, need: int, what: str) -> None:
         free = _free(self.workdir)
         if free < need + self.margin:
-            raise Disk(f"{what}: {_human(free)} free, needs {_human(need)} + "
-                       f"{_human(self.margin)} spare")
+            raise Disk(f"{what}: {human(free)} free, needs {human(need)} + "
+                       f"{human(self.margin)} spare")
 
     # -- the rows -------------------------------------------------------------------------------
     def rows(self) -> list[Row]:
@@ -404,10 +395,10 @@ class Bench:
 
         def run_tool(final=False):
             nonlocal out_bytes
-            _rm(out)
+            remove(out)
             drop(info)
             if keep:                   # its previous kept output: not on disk during this run
-                _rm(self.kept.pop(keep, self.kept_path(keep)))
+                remove(self.kept.pop(keep, self.kept_path(keep)))
             self.check_disk(out_bytes or int(in_bytes * row.out_ratio), f"row {row.rid}")
             prepare_cache()
             r = run_measured(row.code, str(info), *row.args(out))
@@ -415,7 +406,7 @@ class Bench:
                 r["info"] = json.loads(info.read_text())
                 drop(info)
             if "error" not in r:
-                r["out_bytes"] = out_bytes = _size(out)
+                r["out_bytes"] = out_bytes = size_of(out)
                 if row.compare:
                     drop(cmp_info)
                     orig = row.original() if row.original else self.src
@@ -430,11 +421,11 @@ class Bench:
                     compares.append(c)
                 if keep and final:
                     kp = self.kept_path(keep)
-                    _rm(kp)
+                    remove(kp)
                     out.rename(kp)
                     evict_all([kp])        # the rows that read it warm (or not) it themselves
                     self.kept[keep] = kp
-            _rm(out)
+            remove(out)
             runs["convkit"].append(r)
             _log(row, regime, "convkit", r)
 
@@ -447,7 +438,7 @@ class Bench:
             runs["floor"].append(r)
             _log(row, regime, "io-floor", r)
 
-        load_before = _loadavg()
+        load_before = loadavg()
         fp_before = source_fingerprint()
         n = self.args.repeat
         for rep in range(n):
@@ -463,17 +454,17 @@ class Bench:
                         run_floor()
                 else:
                     run_tool(final=bool(final))
-        _rm(out)
+        remove(out)
         res = {"row": row.rid, "label": row.label, "regime": regime,
                "inputs": [str(p) for p in inputs], "input_bytes": in_bytes,
-               "load_before": load_before, "load_after": _loadavg(),
+               "load_before": load_before, "load_after": loadavg(),
                "convkit_source": fp_before}
         if source_fingerprint() != fp_before:
             res["convkit_source_changed"] = True     # edited while this row ran
             print(f"  [{row.rid} {regime}] note: convkit's sources changed during this row",
                   file=sys.stderr)
-        res.update(_summ("convkit", runs["convkit"]))
-        res.update(_summ("floor", runs["floor"]))
+        res.update(summarise_runs("convkit", runs["convkit"]))
+        res.update(summarise_runs("floor", runs["floor"]))
         if "convkit_best_s" in res and "floor_best_s" in res:
             res["best_x"] = res["convkit_best_s"] / res["floor_best_s"]
             res["median_x"] = res["convkit_median_s"] / res["floor_median_s"]
@@ -507,28 +498,6 @@ def evict_all(paths: list[Path]) -> None:
             evict(p)
 
 
-def _summ(prefix: str, runs: list[dict]) -> dict:
-    ok = [r for r in runs if "error" not in r]
-    d: dict = {}
-    if not ok:
-        if runs:
-            d[f"{prefix}_error"] = runs[0].get("error")
-            d[f"{prefix}_traceback"] = runs[0].get("stderr_tail")
-        return d
-    secs = [r["seconds"] for r in ok]
-    d[f"{prefix}_best_s"] = min(secs)
-    d[f"{prefix}_median_s"] = statistics.median(secs)
-    d[f"{prefix}_all_s"] = [round(x, 3) for x in secs]
-    d[f"{prefix}_peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
-    if "out_bytes" in ok[-1]:
-        d[f"{prefix}_out_bytes"] = ok[-1]["out_bytes"]
-    if len(ok) < len(runs):
-        d[f"{prefix}_failed_runs"] = len(runs) - len(ok)
-        bad = next(r for r in runs if "error" in r)
-        d[f"{prefix}_error"] = bad.get("error")
-        d[f"{prefix}_traceback"] = bad.get("stderr_tail")
-    return d
-
 
 def _log(row: Row, regime: str, what: str, r: dict) -> None:
     if "error" in r:
@@ -536,7 +505,7 @@ def _log(row: Row, regime: str, what: str, r: dict) -> None:
         for line in r.get("stderr_tail", [])[-25:]:
             print(f"      {line}", file=sys.stderr)
         return
-    extra = f", out {_human(r['out_bytes'])}" if "out_bytes" in r else ""
+    extra = f", out {human(r['out_bytes'])}" if "out_bytes" in r else ""
     if "info" in r:
         i = r["info"]
         extra += (f" (import {i['import_s']:.1f} s, plan {i['plan_s']:.1f} s, engine "
@@ -551,9 +520,6 @@ def _log(row: Row, regime: str, what: str, r: dict) -> None:
 
 
 # -- output -----------------------------------------------------------------------------------
-
-def _f(x, fmt="{:.2f}"):
-    return "—" if x is None else fmt.format(x)
 
 
 def _eq(r: dict) -> str:
@@ -579,11 +545,11 @@ def plain(results: list[dict], target_x: float, rss_limit: float) -> str:
             flags.append(f"> {target_x}x")
         if r.get("rss_warning"):
             flags.append(f"> {rss_limit:.0f} MB")
-        out.append(f"{r['row']:<3} {name:<44} {r['regime']:<6} {_f(r.get('floor_best_s')):>8} "
-                   f"{r['convkit_best_s']:>8.2f} {_f(r.get('best_x')):>6} "
-                   f"{_f(r.get('floor_median_s')):>8} {r['convkit_median_s']:>8.2f} "
-                   f"{_f(r.get('median_x')):>6} {r['convkit_peak_rss_mb']:>7.0f} "
-                   f"{_human(r.get('convkit_out_bytes', 0)):>9} {_eq(r):>5}"
+        out.append(f"{r['row']:<3} {name:<44} {r['regime']:<6} {fmt(r.get('floor_best_s')):>8} "
+                   f"{r['convkit_best_s']:>8.2f} {fmt(r.get('best_x')):>6} "
+                   f"{fmt(r.get('floor_median_s')):>8} {r['convkit_median_s']:>8.2f} "
+                   f"{fmt(r.get('median_x')):>6} {r['convkit_peak_rss_mb']:>7.0f} "
+                   f"{human(r.get('convkit_out_bytes', 0)):>9} {_eq(r):>5}"
                    + ("  " + ", ".join(flags) if flags else ""))
     out += ["", (f"{'#':<3} {'regime':<6} {'import s':>9} {'plan s':>8} {'engine s':>9} "
                  f"{'manifest s':>11} {'cpu user':>9} {'cpu sys':>8}   (best run)")]
@@ -591,13 +557,13 @@ def plain(results: list[dict], target_x: float, rss_limit: float) -> str:
         b = r.get("breakdown")
         if b:
             out.append(f"{r['row']:<3} {r['regime']:<6} {b['import_s']:>9.2f} {b['plan_s']:>8.2f} "
-                       f"{b['engine_s']:>9.2f} {_f(b.get('manifest_s')):>11} "
-                       f"{_f(b.get('cpu_user')):>9} {_f(b.get('cpu_sys')):>8}")
+                       f"{b['engine_s']:>9.2f} {fmt(b.get('manifest_s')):>11} "
+                       f"{fmt(b.get('cpu_user')):>9} {fmt(b.get('cpu_sys')):>8}")
     return "\n".join(out)
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    out = [(f"Input: `{meta['input']}` ({_human(meta['input_bytes'])}); {meta['date']}, "
+    out = [(f"Input: `{meta['input']}` ({human(meta['input_bytes'])}); {meta['date']}, "
             f"{meta['nproc']} CPUs, load before {' '.join(meta['load_before'])}, after "
             f"{' '.join(meta['load_after'])}; --repeat {meta['repeat']}."), "",
            ("| # | row | regime | floor best s | best s | best × floor | floor median s | "
@@ -610,11 +576,11 @@ def markdown(results: list[dict], meta: dict) -> str:
                        + " |" * 8)
             continue
         out.append(
-            f"| {r['row']} | {r['label']} | {r['regime']} | {_f(r.get('floor_best_s'))} | "
-            f"{r['convkit_best_s']:.2f} | {_f(r.get('best_x'))} | "
-            f"{_f(r.get('floor_median_s'))} | {r['convkit_median_s']:.2f} | "
-            f"{_f(r.get('median_x'))} | {r['convkit_peak_rss_mb']:,.0f} MB | "
-            f"{_human(r.get('convkit_out_bytes', 0))} | {_eq(r)} |")
+            f"| {r['row']} | {r['label']} | {r['regime']} | {fmt(r.get('floor_best_s'))} | "
+            f"{r['convkit_best_s']:.2f} | {fmt(r.get('best_x'))} | "
+            f"{fmt(r.get('floor_median_s'))} | {r['convkit_median_s']:.2f} | "
+            f"{fmt(r.get('median_x'))} | {r['convkit_peak_rss_mb']:,.0f} MB | "
+            f"{human(r.get('convkit_out_bytes', 0))} | {_eq(r)} |")
     return "\n".join(out)
 
 
@@ -643,15 +609,7 @@ def main() -> None:
 
     workdir = Path(args.workdir) if args.workdir else _common.DATA
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        src = workdir / "table_tiny_sdxl.safetensors"
-        if not src.exists():
-            from convkit import tiny
-            tiny.save_single_file(tiny.build("sdxl", 0), str(src))
-    elif args.input:
-        src = Path(args.input)
-    else:
-        src = full_size_checkpoint("sdxl", "F32")
+    src = bench_source(args, workdir)
     default_input = not (args.tiny or args.input)
 
     bench = Bench(src, workdir, args)
@@ -665,8 +623,8 @@ def main() -> None:
             need = 2 * size + int(args.margin_gb * 1e9)
             mode = "fp32" if _free(workdir) >= need else "fp16"
             if mode == "fp16":
-                half_note = (f"rows 3h/4h instead of 3/4: {_human(_free(workdir))} free, rows 3 "
-                             f"and 4 need {_human(need)} (input folder + output + margin)")
+                half_note = (f"rows 3h/4h instead of 3/4: {human(_free(workdir))} free, rows 3 "
+                             f"and 4 need {human(need)} (input folder + output + margin)")
                 print(half_note, file=sys.stderr)
         wanted = ["1a", "1b", "2"] + (["3", "4"] if mode == "fp32" else ["3h", "4h"])
     else:
@@ -679,7 +637,7 @@ def main() -> None:
     regimes = ["cold", "warm"] if args.regime == "both" else [args.regime]
     meta = {"bench": "layouts", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "input": str(src), "input_bytes": src.stat().st_size, "repeat": args.repeat,
-            "regimes": regimes, "nproc": os.cpu_count(), "load_before": _loadavg(),
+            "regimes": regimes, "nproc": os.cpu_count(), "load_before": loadavg(),
             "python": sys.version.split()[0], "target_x": args.target_x,
             "rss_limit_mb": args.rss_limit_mb, "free_disk_before": _free(workdir),
             "rows": run_order, "rows34_note": half_note,
@@ -693,8 +651,8 @@ def main() -> None:
              ":/formats"], capture_output=True, text=True, check=False).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         pass
-    print(f"input {src} ({_human(src.stat().st_size)}), load {' '.join(meta['load_before'])}, "
-          f"free disk {_human(_free(workdir))}; rows in the order {', '.join(run_order)}",
+    print(f"input {src} ({human(src.stat().st_size)}), load {' '.join(meta['load_before'])}, "
+          f"free disk {human(_free(workdir))}; rows in the order {', '.join(run_order)}",
           file=sys.stderr)
 
     results: list[dict] = []
@@ -713,13 +671,13 @@ def main() -> None:
                                     key: str(e) if key == "skipped" else [repr(e)]})
             later = run_order[i + 1:]
             for key in [k for k in bench.kept if not any(rows[r].needs == k for r in later)]:
-                _rm(bench.kept.pop(key))     # no later row reads this kept output
+                remove(bench.kept.pop(key))     # no later row reads this kept output
     finally:
         for p in list(bench.kept.values()) + bench.made:
-            _rm(p)
+            remove(p)
         for name in ("layouts_floor.bin", "layouts_info.json", "layouts_compare.json"):
             drop(workdir / name)
-    meta["load_after"] = _loadavg()
+    meta["load_after"] = loadavg()
     meta["convkit_source_after"] = source_fingerprint()
     meta["total_seconds"] = round(time.perf_counter() - t_all, 1)
 

@@ -82,7 +82,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _common
-from _common import IO_FLOOR, WARM, drop, evict, full_size_checkpoint, run_measured
+from _common import (
+    IO_FLOOR,
+    WARM,
+    bench_source,
+    drop,
+    evict,
+    fmt,
+    human,
+    loadavg,
+    remove,
+    run_measured,
+    size_of,
+    summarise_runs,
+)
 
 # -- measured code (each runs in a fresh process through _common.run_measured) -----------------
 # Only the public functions are called: convert.convert, quantize.quantize, lora.merge_lora.
@@ -153,23 +166,6 @@ class Row:
         self.other = other            # (name, code, args-fn, tool path) for rows 9/10
 
 
-def _human(b: float) -> str:
-    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
-
-
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size if p.exists() else 0
-
-
-def _rm(p: Path) -> None:
-    if p.is_dir():
-        import shutil
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        drop(p)
-
 
 def _git_head(path: Path | None) -> str | None:
     if path is None:
@@ -181,9 +177,6 @@ def _git_head(path: Path | None) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
 
-
-def _loadavg() -> list[str]:
-    return open("/proc/loadavg").read().split()[:3]
 
 
 def make_lora_for(base: Path, workdir: Path) -> Path:
@@ -240,7 +233,7 @@ def measure_row(row: Row, src: Path, regime: str, repeat: int, workdir: Path, ke
 
     def run_tool():
         nonlocal out_bytes
-        _rm(out)
+        remove(out)
         prepare_cache()
         r = run_measured(row.code, *row.args(out))
         info = Path(str(out) + ".info.json")
@@ -248,15 +241,15 @@ def measure_row(row: Row, src: Path, regime: str, repeat: int, workdir: Path, ke
             r["info"] = json.loads(info.read_text())
             drop(info)
         if "error" not in r:
-            r["out_bytes"] = _size(out)
+            r["out_bytes"] = size_of(out)
             out_bytes = r["out_bytes"]
             if row.keep_as is not None:    # the input of a row 8: keep the latest output
                 keep = workdir / f"table_keep_{row.keep_as.replace(':', '_')}.{row.ext}"
-                _rm(keep)
+                remove(keep)
                 out.rename(keep)
                 evict(keep)                # rows 8 warm it (or not) themselves
                 kept[row.keep_as] = keep
-        _rm(out)       # not on disk (nor in the page cache) during the next runs
+        remove(out)       # not on disk (nor in the page cache) during the next runs
         tool_runs.append(r)
         _log(row, regime, "convkit", r)
         return r
@@ -273,7 +266,7 @@ def measure_row(row: Row, src: Path, regime: str, repeat: int, workdir: Path, ke
         nonlocal other_bytes
         name, code, args_fn, _ = row.other
         o = workdir / f"table_other.{row.ext}"
-        _rm(o)
+        remove(o)
         prepare_cache()
         r = run_measured(code, *args_fn(o))
         info = Path(str(o) + ".info.json")
@@ -284,13 +277,13 @@ def measure_row(row: Row, src: Path, regime: str, repeat: int, workdir: Path, ke
                 r["launcher_rss_mb"] = r["peak_rss_mb"]
                 r["peak_rss_mb"] = r["info"]["child_maxrss_mb"]
         if "error" not in r:
-            r["out_bytes"] = _size(o)
+            r["out_bytes"] = size_of(o)
             other_bytes = r["out_bytes"]
-        _rm(o)
+        remove(o)
         other_runs.append(r)
         _log(row, regime, name, r)
 
-    load_before = _loadavg()
+    load_before = loadavg()
     for rep in range(repeat):
         # the floor needs the output size: the tool goes first in rep 0, then the order alternates
         steps = [run_tool, run_floor] if rep % 2 == 0 else [run_floor, run_tool]
@@ -300,16 +293,16 @@ def measure_row(row: Row, src: Path, regime: str, repeat: int, workdir: Path, ke
             if step is run_floor and out_bytes is None:
                 continue           # the tool failed: nothing to compare with
             step()
-    _rm(out)
+    remove(out)
 
     res = {"row": row.rid, "label": row.label, "regime": regime, "input": str(floor_in),
            "input_bytes": floor_in.stat().st_size, "load_before": load_before,
-           "load_after": _loadavg()}
-    res.update(_summ("convkit", tool_runs))
-    res.update(_summ("floor", floor_runs))
+           "load_after": loadavg()}
+    res.update(summarise_runs("convkit", tool_runs))
+    res.update(summarise_runs("floor", floor_runs))
     if row.other is not None:
         res["other_name"] = row.other[0]
-        res.update(_summ("other", other_runs))
+        res.update(summarise_runs("other", other_runs))
     if "convkit_best_s" in res and "floor_best_s" in res:
         res["best_x"] = res["convkit_best_s"] / res["floor_best_s"]
         res["median_x"] = res["convkit_median_s"] / res["floor_median_s"]
@@ -326,26 +319,6 @@ def measure_row(row: Row, src: Path, regime: str, repeat: int, workdir: Path, ke
     return res
 
 
-def _summ(prefix: str, runs: list[dict]) -> dict:
-    ok = [r for r in runs if "error" not in r]
-    d: dict = {}
-    if not ok:
-        if runs:
-            d[f"{prefix}_error"] = runs[0].get("error")
-            d[f"{prefix}_traceback"] = runs[0].get("stderr_tail")
-        return d
-    secs = [r["seconds"] for r in ok]
-    d[f"{prefix}_best_s"] = min(secs)
-    d[f"{prefix}_median_s"] = _median(secs)
-    d[f"{prefix}_all_s"] = [round(s, 3) for s in secs]
-    d[f"{prefix}_peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
-    if "out_bytes" in ok[-1]:
-        d[f"{prefix}_out_bytes"] = ok[-1]["out_bytes"]
-    if len(ok) < len(runs):
-        d[f"{prefix}_failed_runs"] = len(runs) - len(ok)
-        d[f"{prefix}_error"] = next(r for r in runs if "error" in r).get("error")
-    return d
-
 
 def _log(row: Row, regime: str, what: str, r: dict) -> None:
     if "error" in r:
@@ -353,7 +326,7 @@ def _log(row: Row, regime: str, what: str, r: dict) -> None:
         for line in r.get("stderr_tail", [])[-25:]:
             print(f"      {line}", file=sys.stderr)
         return
-    extra = f", out {_human(r['out_bytes'])}" if "out_bytes" in r else ""
+    extra = f", out {human(r['out_bytes'])}" if "out_bytes" in r else ""
     print(f"  [{row.rid} {regime}] {what}: {r['seconds']:.2f} s, {r['peak_rss_mb']:.0f} MB{extra}",
           file=sys.stderr)
 
@@ -412,12 +385,9 @@ def build_rows(src: Path, workdir: Path, kept: dict, args) -> list[Row]:
 
 # -- output -----------------------------------------------------------------------------------
 
-def _f(x, fmt="{:.2f}"):
-    return "—" if x is None else fmt.format(x)
-
 
 def markdown(results: list[dict], meta: dict) -> str:
-    out = [(f"Input: `{meta['input']}` ({_human(meta['input_bytes'])}); {meta['date']}, "
+    out = [(f"Input: `{meta['input']}` ({human(meta['input_bytes'])}); {meta['date']}, "
             f"{meta['nproc']} CPUs, load before {' '.join(meta['load_before'])}, after "
             f"{' '.join(meta['load_after'])}; --repeat {meta['repeat']}."), "",
            ("| # | row | regime | floor best s | best s | best × floor | floor median s | "
@@ -433,11 +403,11 @@ def markdown(results: list[dict], meta: dict) -> str:
             continue
         warn = " ⚠" if r.get("rss_warning") else ""
         out.append(
-            f"| {r['row']} | {r['label']} | {r['regime']} | {_f(r.get('floor_best_s'))} | "
-            f"{r['convkit_best_s']:.2f} | {_f(r.get('best_x'))} | "
-            f"{_f(r.get('floor_median_s'))} | {r['convkit_median_s']:.2f} | "
-            f"{_f(r.get('median_x'))} | {r['convkit_peak_rss_mb']:,.0f} MB{warn} | "
-            f"{_human(r.get('convkit_out_bytes', 0))} |")
+            f"| {r['row']} | {r['label']} | {r['regime']} | {fmt(r.get('floor_best_s'))} | "
+            f"{r['convkit_best_s']:.2f} | {fmt(r.get('best_x'))} | "
+            f"{fmt(r.get('floor_median_s'))} | {r['convkit_median_s']:.2f} | "
+            f"{fmt(r.get('median_x'))} | {r['convkit_peak_rss_mb']:,.0f} MB{warn} | "
+            f"{human(r.get('convkit_out_bytes', 0))} |")
     cmp_rows = [r for r in results if r.get("other_name")]
     if cmp_rows:
         out += ["", ("| # | convkit | external tool | regime | floor best s | convkit best s | "
@@ -453,12 +423,12 @@ def markdown(results: list[dict], meta: dict) -> str:
             ot = "other_best_s" in r
             out.append(
                 f"| {r['row']} | {r['label'].split(' vs ')[0]} | {r['other_name']} | "
-                f"{r['regime']} | {_f(r.get('floor_best_s'))} | "
-                + (f"{r['convkit_best_s']:.2f} | {_f(r.get('best_x'))} | "
-                   f"{r['convkit_peak_rss_mb']:,.0f} MB | {_human(r['convkit_out_bytes'])} | "
+                f"{r['regime']} | {fmt(r.get('floor_best_s'))} | "
+                + (f"{r['convkit_best_s']:.2f} | {fmt(r.get('best_x'))} | "
+                   f"{r['convkit_peak_rss_mb']:,.0f} MB | {human(r['convkit_out_bytes'])} | "
                    if ck else f"failed: {' '.join(r.get('convkit_error', ['?']))} | | | | ")
-                + (f"{r['other_best_s']:.2f} | {_f(r.get('other_best_x'))} | "
-                   f"{r['other_peak_rss_mb']:,.0f} MB | {_human(r['other_out_bytes'])} | "
+                + (f"{r['other_best_s']:.2f} | {fmt(r.get('other_best_x'))} | "
+                   f"{r['other_peak_rss_mb']:,.0f} MB | {human(r['other_out_bytes'])} | "
                    if ot else f"failed: {' '.join(r.get('other_error', ['?']))} | | | | ")
                 + (f"{r['other_best_s'] / r['convkit_best_s']:.2f} |" if ck and ot else "— |"))
     return "\n".join(out)
@@ -475,15 +445,15 @@ def plain(results: list[dict]) -> str:
         if "convkit_best_s" not in r:
             out.append(f"{r['row']:<4} {name:<58} {r['regime']:<6} FAILED: {r.get('convkit_error')}")
         else:
-            out.append(f"{r['row']:<4} {name:<58} {r['regime']:<6} {_f(r.get('floor_best_s')):>8} "
-                       f"{r['convkit_best_s']:>8.2f} {_f(r.get('best_x')):>6} "
-                       f"{r['convkit_median_s']:>8.2f} {_f(r.get('median_x')):>6} "
+            out.append(f"{r['row']:<4} {name:<58} {r['regime']:<6} {fmt(r.get('floor_best_s')):>8} "
+                       f"{r['convkit_best_s']:>8.2f} {fmt(r.get('best_x')):>6} "
+                       f"{r['convkit_median_s']:>8.2f} {fmt(r.get('median_x')):>6} "
                        f"{r['convkit_peak_rss_mb']:>8.0f}" + ("  > RSS LIMIT" if r.get("rss_warning") else ""))
         if r.get("other_name"):
             if "other_best_s" in r:
                 out.append(f"{'':<4} {'  ' + r['other_name']:<58} {r['regime']:<6} {'':>8} "
-                           f"{r['other_best_s']:>8.2f} {_f(r.get('other_best_x')):>6} "
-                           f"{r['other_median_s']:>8.2f} {_f(r.get('other_median_x')):>6} "
+                           f"{r['other_best_s']:>8.2f} {fmt(r.get('other_best_x')):>6} "
+                           f"{r['other_median_s']:>8.2f} {fmt(r.get('other_median_x')):>6} "
                            f"{r['other_peak_rss_mb']:>8.0f}")
             else:
                 out.append(f"{'':<4} {'  ' + r['other_name']:<58} FAILED: {r.get('other_error')}")
@@ -511,15 +481,7 @@ def main() -> None:
 
     workdir = Path(args.workdir) if args.workdir else _common.DATA
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        src = workdir / "table_tiny_sdxl.safetensors"
-        if not src.exists():
-            from convkit import tiny
-            tiny.save_single_file(tiny.build("sdxl", 0), str(src))
-    elif args.input:
-        src = Path(args.input)
-    else:
-        src = full_size_checkpoint("sdxl", "F32")
+    src = bench_source(args, workdir)
     default_input = not (args.tiny or args.input)
 
     kept: dict[str, Path] = {}
@@ -533,7 +495,7 @@ def main() -> None:
     regimes = ["cold", "warm"] if args.regime == "both" else [args.regime]
     meta = {"bench": "table", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "input": str(src), "input_bytes": src.stat().st_size, "repeat": args.repeat,
-            "regimes": regimes, "nproc": os.cpu_count(), "load_before": _loadavg(),
+            "regimes": regimes, "nproc": os.cpu_count(), "load_before": loadavg(),
             "python": sys.version.split()[0], "convkit_git": _git_head(Path(__file__).parent),
             "sdcpp": args.sdcpp, "sdcpp_threads": args.sdcpp_threads,
             "sdcpp_git": _git_head(Path(args.sdcpp).resolve().parents[2]) if args.sdcpp else None,
@@ -547,8 +509,8 @@ def main() -> None:
                             "--", ":/convkit", ":/formats"], capture_output=True, text=True,
                            check=False).stdout
     meta["convkit_dirty"] = bool(dirty.strip())    # uncommitted engine changes in this run
-    print(f"input {src} ({_human(src.stat().st_size)}), load {' '.join(meta['load_before'])}, "
-          f"free disk {_human(os.statvfs(workdir).f_bavail * os.statvfs(workdir).f_frsize)}",
+    print(f"input {src} ({human(src.stat().st_size)}), load {' '.join(meta['load_before'])}, "
+          f"free disk {human(os.statvfs(workdir).f_bavail * os.statvfs(workdir).f_frsize)}",
           file=sys.stderr)
 
     results: list[dict] = []
@@ -578,11 +540,11 @@ def main() -> None:
                                     "convkit_error": [repr(e)]})
             later = rows[rows.index(row) + 1:]
             for key in [k for k in kept if not any(r.needs == k for r in later)]:
-                _rm(kept.pop(key))    # no later row reads this kept output
+                remove(kept.pop(key))    # no later row reads this kept output
     finally:
         for p in kept.values():
-            _rm(p)
-    meta["load_after"] = _loadavg()
+            remove(p)
+    meta["load_after"] = loadavg()
     meta["total_seconds"] = round(time.perf_counter() - t_all, 1)
 
     print(plain(results))

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import click
 
-from .common import RegistryChoice, dry_run_option, emit_plan_or_json, output_options, progress
+from .common import (
+    RegistryChoice,
+    dry_run_option,
+    emit_plan_or_json,
+    output_options,
+    progress,
+)
 
 
 def _report(result, quiet, as_json, dry_run):
@@ -86,9 +92,9 @@ def split_cmd(checkpoint, output, parts, target, name, dtype, to, base, rank, lo
 @click.option("--layout", default=None, metavar="LAYOUT",
               help="single-file (default: the full checkpoint Forge/ComfyUI/A1111 load), "
                    "diffusers, or another layout of the architecture.")
-@click.option("--for", "target", type=click.Choice(["forge", "comfyui", "sdcpp", "diffusers"]),
-              default=None, help="Shorthand: diffusers -> --layout diffusers, the others -> "
-                                 "single-file.")
+@click.option("--for", "target", type=RegistryChoice("layout-target"), default=None,
+              help="Shorthand for the tool: diffusers -> --layout diffusers, the others -> "
+                   "single-file (the full checkpoint each of them loads).")
 @click.option("--dtype", type=RegistryChoice("cast"), default=None,
               help="Output float type; default: each tensor keeps its (decoded) dtype.")
 @click.option("--config-from", type=click.Path(file_okay=False), default=None,
@@ -118,7 +124,9 @@ def assemble_cmd(unet, clip_l, clip_g, t5, vae, output, layout, target, dtype, c
     if target and layout:
         raise click.UsageError("give --layout or --for, not both")
     if target:
-        layout = "diffusers" if target == "diffusers" else "single-file"
+        from ..layouts.targets import get
+
+        layout = "diffusers" if get(target).diffusers_folder else "single-file"
     result = assemble({"unet": unet, "clip_l": clip_l, "clip_g": clip_g, "t5": t5, "vae": vae},
                       output, layout=layout, dtype=dtype, on_overflow=on_overflow,
                       config_from=config_from, overwrite=overwrite, dry_run=dry_run,

@@ -15,14 +15,17 @@ from .. import archs
 from ..casts import CastContext
 from ..data import load_toml
 from ..engine import OutFile, Plan
-from ..errors import ConvkitError, InputFormatError, UnknownArchitectureError, UsageError
+from ..errors import (
+    ConvkitError,
+    InputFormatError,
+    UnknownArchitectureError,
+    UsageError,
+)
 from ..sources import open_source
 from .build import PART_KEY, Source, add_component, resolve_configs, step_metadata
 from .convert import target_layout, write_folder
 from .plan import Placement
 from .targets import component_of, part_names
-
-ORDER = ("unet", "clip_l", "clip_g", "t5", "vae")
 
 
 def flag(part: str) -> str:
@@ -122,7 +125,7 @@ def plan_assemble(srcs: dict[str, object], paths: dict[str, str], out: Path, *,
     inputs: list = []
     index: dict[int, int] = {}
     sources: dict[str, Source] = {}
-    for part in ORDER:
+    for part in part_names():           # formats/layouts/part_names.toml order
         if part not in srcs:
             continue
         s = srcs[part]
@@ -150,7 +153,7 @@ def plan_assemble(srcs: dict[str, object], paths: dict[str, str], out: Path, *,
     order = [c for c in arch.components if c in sources]
     if lay.folder:
         write_folder(plan, arch, {c: sources[c] for c in order}, out, dtype, ctx, meta,
-                     config_from)
+                     config_from, cfgs=cfgs)
         return plan
     f = OutFile("", Path(out), metadata={"format": "pt"})
     for n, c in enumerate(order):

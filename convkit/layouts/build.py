@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import archs
 from ..casts import CastContext
 from ..configs import ResolvedConfig
 from ..engine import OutFile, OutFolder, Plan
 from ..engine.plan import shard_name, shards
-from ..loading import component_tensors, resolve_config
+from ..loading import resolve_config
 from ..provenance import output_metadata
-from .plan import CLIP_L_SPELLING, EXTRAS_KEY, Placement, plan_component
+from .plan import EXTRAS_KEY, Placement, plan_component
 
 PART_KEY = "convkit.part"           # "<arch>/<component>" on every part convkit writes
 DEFAULT_SHARD_BYTES = 10 * 1000**3  # diffusers save_pretrained's default max_shard_size
@@ -110,14 +109,16 @@ def add_diffusers_component(plan: Plan, folder: OutFolder, s: Source, comp: str,
     plan.items.extend(items)
 
 
-def layout_prefix(arch: archs.Arch, comp: str, layout: str) -> str:
-    return arch.layout(layout).prefixes[comp]
-
-
 def step_metadata(srcs, step: dict) -> dict:
     return clean_metadata(output_metadata(srcs, step))
 
 
-__all__ = ["Source", "resolve_configs", "weights_name", "add_component",
-           "add_diffusers_component", "PART_KEY", "CLIP_L_SPELLING", "step_metadata",
-           "component_tensors"]
+__all__ = [
+    "PART_KEY",
+    "Source",
+    "add_component",
+    "add_diffusers_component",
+    "resolve_configs",
+    "step_metadata",
+    "weights_name",
+]

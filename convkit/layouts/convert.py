@@ -8,8 +8,14 @@ from .. import archs
 from ..casts import CastContext
 from ..engine import OutFile, OutFolder, Plan
 from ..errors import UsageError
-from .build import (DEFAULT_SHARD_BYTES, Source, add_component, add_diffusers_component,
-                    resolve_configs, step_metadata)
+from .build import (
+    DEFAULT_SHARD_BYTES,
+    Source,
+    add_component,
+    add_diffusers_component,
+    resolve_configs,
+    step_metadata,
+)
 from .plan import Placement
 
 SINGLE_FILE = "single-file"     # alias: the architecture's full single-file layout
@@ -67,14 +73,14 @@ def plan_layout(src, det: archs.Detection, out: Path, layout: str, cast, ctx: Ca
 def write_folder(plan: Plan, arch: archs.Arch, sources: dict[str, Source], out: Path, cast,
                  ctx: CastContext, meta: dict, config_from: Path | None,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, folder_id: str = "",
-                 casts: dict | None = None) -> OutFolder:
+                 casts: dict | None = None, cfgs: dict | None = None) -> OutFolder:
     """A diffusers pipeline folder of ``sources`` (component -> where it comes from);
-    ``casts``: a cast per component instead of ``cast``."""
+    ``casts``: a cast per component instead of ``cast``; ``cfgs``: configs already resolved."""
     from .folder import pipeline_files, read_config_from
 
     folder = plan.folders.setdefault(folder_id, OutFolder(folder_id, Path(out)))
     given = read_config_from(Path(config_from)) if config_from else None
-    cfgs = resolve_configs(arch, sources, given)
+    cfgs = cfgs if cfgs is not None else resolve_configs(arch, sources, given)
     for comp in arch.components:            # the architecture's order
         if comp in sources:
             add_diffusers_component(plan, folder, sources[comp], comp, cfgs[comp], ctx,

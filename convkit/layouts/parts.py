@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, replace, field
+from dataclasses import dataclass, field, replace
 
 from .. import archs
 from ..data import formats_dir, load_toml

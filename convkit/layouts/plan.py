@@ -56,7 +56,6 @@ def _target(place: Placement, dtype: str) -> str:
 def plan_component(src, det, inp: int, place: Placement, ctx: CastContext,
                    notes: list[str]) -> list[Item]:
     """Items writing ``place.comp`` of input ``inp`` (``src``, detected as ``det``)."""
-    comp = place.comp
     same = is_single(det.layout.naming) == is_single(place.naming)
     if same:
         return _rename(src, det, inp, place, ctx)

@@ -241,7 +241,6 @@ def _add_quantized(plan: Plan, src, det, out: Path, rel: str, target_name: str,
                          f"the {part}: a quantized {part} needs a file of its own",
                          hint="use --dtype, or --for comfyui (every part its own file)")
     tgt = parse_target(target_name)
-    qsrc, qdet, inp = src, det, 0
     if src.format == "diffusers" or det.layout.naming == "diffusers":
         raise UsageError("--to needs single-file names (SGM/LDM or BFL) in the input",
                          path=src.path, hint="convkit convert --layout single-file first")
@@ -249,12 +248,12 @@ def _add_quantized(plan: Plan, src, det, out: Path, rel: str, target_name: str,
     stem = rel.rsplit(".", 1)[0]
     suffix = tgt.qtype if tgt.kind == "gguf" else tgt.name.replace(":", "-")
     new_rel = f"{stem}-{suffix}.{'gguf' if tgt.output_format == 'gguf' else 'safetensors'}"
-    qplan = plan_quantize(qsrc, Path(out) / new_rel, tgt, qdet, layout=layout)
+    qplan = plan_quantize(src, Path(out) / new_rel, tgt, det, layout=layout)
     comp = det.arch.diffusion_component
     for it in qplan.items:
         if it.srcs and not (it.extra.get("in_model", True)):
             continue                    # other components: their own parts
-        it.srcs = tuple(type(s)(inp, s.key) for s in it.srcs)
+        it.srcs = tuple(type(s)(0, s.key) for s in it.srcs)    # split reads one input
         it.component = comp
         for o in it.outs:
             o.file = new_rel
