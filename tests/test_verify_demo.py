@@ -176,3 +176,23 @@ def test_must_differ_from_fails_a_merge_at_weight_zero(demo):
                            "--must-differ-from", custom, "--gate", "kind=lora")
     assert code == 10, text
     assert any("renders like custom.safetensors" in f for f in d["artifacts"][0]["failures"])
+
+
+def test_layout_changes_render_like_the_reference(ref32, tmp_path):
+    """A diffusers folder convert --layout writes, and the single file assembled back from its
+    ComfyUI split parts, render like the single file they came from (lossless gate)."""
+    from convkit.convert import convert
+    from convkit.layouts.assemble import assemble
+    from convkit.layouts.split import split
+
+    ref, _ = ref32
+    convert(ref, tmp_path / "folder", "fp32", layout="diffusers")
+    split(ref, tmp_path / "parts", "comfyui", name="m")
+    p = tmp_path / "parts"
+    assemble({"unet": [p / "diffusion_models/m.safetensors"],
+              "clip_l": [p / "text_encoders/m_clip_l.safetensors"],
+              "clip_g": [p / "text_encoders/m_clip_g.safetensors"],
+              "vae": [p / "vae/m_vae.safetensors"]}, tmp_path / "back.safetensors")
+    code, d, out = verify(tmp_path / "folder", tmp_path / "back.safetensors", "-r", ref)
+    assert code == 0, out
+    assert [a["kind"] for a in d["artifacts"]] == ["lossless", "lossless"]
