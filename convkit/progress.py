@@ -11,8 +11,11 @@ class _Null:
 
 
 class Progress:
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    """``label`` prefixes every bar (a recipe's artifact name); ``position`` pins the bars to a
+    terminal line (one per worker process of a recipe run)."""
+
+    def __init__(self, enabled: bool = True, label: str = "", position: int | None = None):
+        self.enabled, self.label, self.position = enabled, label, position
 
     @contextlib.contextmanager
     def bar(self, total: int, desc: str = "", unit: str = "B"):
@@ -22,6 +25,9 @@ class Progress:
         from tqdm import tqdm
 
         scaled = unit == "B"
-        with tqdm(total=total, desc=desc, unit=unit, unit_scale=scaled, unit_divisor=1024,
+        if self.label:
+            desc = f"{self.label}: {desc}" if desc else self.label
+        with tqdm(total=total, desc=desc, unit=unit, position=self.position, unit_scale=scaled,
+                  unit_divisor=1024,
                   file=sys.stderr, leave=False, dynamic_ncols=True) as t:
             yield t

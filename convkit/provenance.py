@@ -8,12 +8,28 @@ publisher's keys) minus the keys that describe a storage format it no longer has
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
 
 from . import __version__
 from .sources.view import plain_metadata
+
+
+#: keys a caller adds to every output made in its context (a recipe run: recipe, artifact and
+#: content key, so that a file says which run made it even away from the run's manifest)
+_EXTRA: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("convkit_extra", default={})
+
+
+@contextlib.contextmanager
+def extra(keys: dict[str, str]):
+    token = _EXTRA.set({**_EXTRA.get(), **keys})
+    try:
+        yield
+    finally:
+        _EXTRA.reset(token)
 
 
 def safe_name(path: str | os.PathLike) -> str:
@@ -39,7 +55,7 @@ def provenance(sources, step: dict, previous: dict[str, str] | None = None) -> d
     return {"convkit.version": __version__,
             "convkit.source": ", ".join(safe_name(s.path) for s in srcs),
             "convkit.source_bytes": str(size),
-            "convkit.steps": json.dumps(steps, ensure_ascii=True)}
+            "convkit.steps": json.dumps(steps, ensure_ascii=True), **_EXTRA.get()}
 
 
 def output_metadata(sources, step: dict, *, storage: dict[str, str] | None = None,

@@ -7,7 +7,10 @@ The CLI, recipes and tests reach converters only through here; the CLI's choices
 * ``quantize`` - quantization targets (:mod:`convkit.quantize.targets`): objects that plan their
   items and produce their bytes;
 * ``lora-format`` - LoRA output formats (:mod:`convkit.lora.write`): ``kohya``, ``comfy``, ``peft``;
-* ``sink`` - output file writers (:mod:`convkit.engine.sinks`): ``safetensors``, ``gguf``.
+* ``sink`` - output file writers (:mod:`convkit.engine.sinks`): ``safetensors``, ``gguf``;
+* ``layout-target`` - split targets (:mod:`convkit.layouts.targets`): ``comfyui``, ``forge``, ...;
+* ``operation`` - what a recipe step can run (:mod:`convkit.recipes.ops`): ``convert``,
+  ``quantize``, ``merge-lora``, ... with their option schemas.
 
 Modules register what they provide when imported; the registry imports a kind's providers by
 name the first time that kind is asked for (``PROVIDERS``), so it imports none of them
@@ -28,11 +31,13 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "lora-format": ("convkit.lora.write",),
     "sink": ("convkit.engine.sinks",),
     "layout-target": ("convkit.layouts.targets",),
+    "operation": ("convkit.recipes.ops",),
 }
 
 #: how a kind is called in messages ("unknown quantize target 'gguf:Q4K'")
 KIND_NAMES = {"cast": "dtype", "quantize": "quantize target", "lora-format": "LoRA format",
-              "sink": "output format", "layout-target": "split target (--for)"}
+              "sink": "output format", "layout-target": "split target (--for)",
+              "operation": "operation"}
 
 
 @dataclass

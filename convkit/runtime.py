@@ -23,3 +23,15 @@ def cache_root():
     base = os.environ.get("CONVKIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "convkit")
     return Path(base)
+
+
+def quiet_third_party_logs() -> None:
+    """Import-time chatter of optional backends (bitsandbytes, transformers) is not ours to show."""
+    import logging
+
+    # optional backends log missing GPU extensions and deprecations when something imports
+    # them (diffusers imports every installed quantization library)
+    for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "optimum.quanto"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

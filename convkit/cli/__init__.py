@@ -19,7 +19,9 @@ from .demo_cmd import demo  # noqa: E402
 from .inspect_cmd import inspect  # noqa: E402
 from .layout_cmds import assemble_cmd, split_cmd  # noqa: E402
 from .lora_cmds import convert_lora_cmd, extract_lora_cmd, merge_lora_cmd  # noqa: E402
+from .publish_cmd import publish_cmd  # noqa: E402
 from .quantize_cmd import quantize_cmd  # noqa: E402
+from .run_cmd import run_cmd  # noqa: E402
 from .verify_cmd import verify_cmd  # noqa: E402
 
 
@@ -39,13 +41,15 @@ def main():
       convkit split model.safetensors -o comfy-models --for comfyui
       convkit quantize model.safetensors model-Q8_0.gguf --to gguf:Q8_0
       convkit verify model-Q8_0.gguf --reference model.safetensors --report report/
+      convkit run lightning-merge --set model=custom.safetensors
+      convkit publish lightning-merge --repo me/my-model-lightning --dry-run
       convkit demo
     """
     quiet_third_party_logs()
 
 
 for _cmd in (inspect, convert, split_cmd, assemble_cmd, quantize_cmd, merge_lora_cmd,
-             extract_lora_cmd, convert_lora_cmd, verify_cmd, demo):
+             extract_lora_cmd, convert_lora_cmd, verify_cmd, run_cmd, publish_cmd, demo):
     main.add_command(_cmd)
 
 __all__ = ["main"]

@@ -11,6 +11,8 @@ import click
 
 from ..errors import ConvkitError
 from ..progress import Progress
+from ..runtime import quiet_third_party_logs  # noqa: F401  (re-exported)
+from ..units import parse_size  # noqa: F401  (re-exported for the commands)
 
 
 def emit_error(msg: str) -> None:
@@ -96,32 +98,3 @@ def emit_plan_or_json(result, *, as_json: bool, dry_run: bool, quiet: bool = Fal
 
 def progress(quiet: bool, as_json: bool) -> Progress:
     return Progress(enabled=not (quiet or as_json) and sys.stderr.isatty())
-
-
-def parse_size(text: str) -> int:
-    from ..errors import UsageError
-
-    t = text.strip().upper().replace("IB", "B")
-    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
-    for u, m in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * m)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise UsageError(f"cannot read size '{text}' (e.g. 5GB, 500MB)") from None
-
-
-def quiet_third_party_logs() -> None:
-    """Import-time chatter of optional backends (bitsandbytes, transformers) is not ours to show."""
-    import logging
-
-    # optional backends log missing GPU extensions and deprecations when something imports
-    # them (diffusers imports every installed quantization library)
-    for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "optimum.quanto"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
