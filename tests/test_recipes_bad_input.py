@@ -141,6 +141,14 @@ def test_bad_set_and_only(tmp_path):
     assert rc == 2 and "did you mean 'lightning-merge'" in one_line(text)
 
 
+def test_ray_executor_without_ray_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    body = '[artifacts.a]\nop = "convert"\ninput = "@model"\npath = "a.safetensors"\n'
+    rc, text = run("run", recipe(tmp_path, body), "-o", tmp_path / "out", "--executor", "ray")
+    assert rc == 2 and "pip install 'convkit[ray]'" in one_line(text)
+    assert not (tmp_path / "out").exists()
+
+
 def test_artifact_may_not_overwrite_an_input(tmp_path):
     src = tmp_path / "out" / "m.safetensors"
     src.parent.mkdir()

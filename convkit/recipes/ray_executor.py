@@ -43,6 +43,11 @@ def execute_ray(tasks: list[Task], on_start, on_done, *, address: str | None = N
             ray.shutdown()
 
 
+def require_ray() -> None:
+    """Fail now, before a run writes anything, if Ray is not installed."""
+    _import_ray()
+
+
 def _import_ray():
     try:
         import ray

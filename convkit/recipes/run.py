@@ -221,6 +221,10 @@ def run(recipe: Recipe, out_dir=None, *, only=(), jobs: int = 1, executor: str =
         raise UsageError("--jobs must be at least 1")
     if executor not in ("local", "ray"):
         raise _unknown(None, "--executor", "executor", executor, ["local", "ray"])
+    if executor == "ray" and not dry_run:       # before anything is written
+        from .ray_executor import require_ray
+
+        require_ray()
     names = select(recipe, list(only), recipe.source)
     ins = resolve_inputs(recipe, names)
     _check_paths(recipe, out, names, ins)
