@@ -272,3 +272,25 @@ path = "verify"
     rr = CliRunner().invoke(main, ["publish", str(tmp_path / "o"), "--repo", "me/x", "--dry-run",
                                    "--allow-failed", "--license", "openrail++"])
     assert rr.exit_code == 0 and "FAIL" in rr.stdout
+
+
+def test_ctrl_c_stops_the_run_and_keeps_what_was_completed(recipe_env, tmp_path, monkeypatch):
+    """An operation interrupted (convkit's Interrupted is a KeyboardInterrupt and a ConvkitError)
+    stops the whole run: the artifacts after it are not started, the completed ones stay
+    recorded, and the CLI says so with exit 130."""
+    from convkit.recipes import worker
+
+    r = tmp_path / "small.toml"
+    r.write_text(SMALL)
+    real = worker.run_task
+
+    def interrupt_nf4(payload):
+        if payload["artifact"] == "nf4":
+            from convkit.errors import Interrupted
+            raise Interrupted("interrupted; no output was written")
+        return real(payload)
+
+    monkeypatch.setattr(worker, "run_task", interrupt_nf4)
+    rr = CliRunner().invoke(main, ["run", str(r), "-o", str(tmp_path / "o")])
+    assert rr.exit_code == 130 and "kept and recorded" in rr.output, rr.output
+    assert set(record(tmp_path / "o")["artifacts"]) == {"fp32"}       # q8 never started

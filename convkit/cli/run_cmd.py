@@ -57,9 +57,17 @@ def run_cmd(recipe, output, sets, only, jobs, executor, ray_address, memory, dry
     r = load(recipe, list(sets))
     show = not (quiet or as_json) and sys.stderr.isatty()
     echo = None if (quiet or as_json or show) else (lambda s: click.echo(s, err=True))
-    result = run(r, output, only=list(only), jobs=jobs, executor=executor,
-                 ray_address=ray_address, dry_run=dry_run, show_progress=show,
-                 memory_budget=parse_size(memory) if memory else None, echo=echo)
+    try:
+        result = run(r, output, only=list(only), jobs=jobs, executor=executor,
+                     ray_address=ray_address, dry_run=dry_run, show_progress=show,
+                     memory_budget=parse_size(memory) if memory else None, echo=echo)
+    except KeyboardInterrupt:
+        from ..errors import Interrupted
+
+        # unlike one command, a run has kept whatever it completed
+        raise Interrupted("interrupted; the artifacts completed so far are kept and recorded, "
+                          "the one in progress was not written: run the same command to "
+                          "finish") from None
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:

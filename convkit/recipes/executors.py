@@ -59,7 +59,9 @@ def _sequential(tasks, on_start, on_done) -> None:
         on_start(t.name)
         try:
             result = call(t.fn, t.payload)
-        except Exception as e:      # KeyboardInterrupt goes through: the run stops
+        except Exception as e:
+            if isinstance(e, KeyboardInterrupt):    # convkit's Interrupted is both: stop
+                raise
             failed.add(t.name)
             on_done(t.name, None, e)
             continue
