@@ -173,3 +173,17 @@ def test_no_licence_known_asks_for_one(hub, lightning_release, tmp_path):
     assert "m.gguf" not in hub.files("alice/plain")
     meta = card_meta(hub.files("alice/plain", rev="v1")["README.md"].decode())
     assert meta["library_name"] == "gguf" and meta["base_model_relation"] == "quantized"
+
+
+def test_card_of_a_diffusers_folder(recipe_env, tmp_path):
+    """A plain diffusers folder: library diffusers, the architecture detected from its weights
+    (Flux schnell, not dev: same pipeline class), the licence as given."""
+    from convkit import tiny
+    from convkit.publish import prepare
+
+    tiny.save_diffusers(tiny.build("flux_schnell", 0), tmp_path / "rel" / "flux")
+    rel, meta, text = prepare(tmp_path / "rel", "me/x", license="apache-2.0")
+    assert meta["library_name"] == "diffusers" and rel.architectures == {"flux_schnell"}
+    assert "flux.1-schnell" in meta["tags"] and "base_model" not in meta
+    assert "`flux/transformer/diffusion_pytorch_model.safetensors`" in text
+    assert validate_card(text)[0] == []

@@ -7,6 +7,7 @@ other folder is described from the files themselves (``convkit inspect``).
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,25 +173,27 @@ def _from_split_manifest(rel: Release, entries: list[FileEntry], man: dict) -> N
 def _classify_folder(rel: Release, e: FileEntry, root: Path) -> None:
     cards = data.load_toml("publish/card.toml")
     e.kind, e.loader = "diffusers", cards["loaders"]["diffusers"]
-    comp = e.local.parent.name
-    e.format = f"diffusers {comp}"
+    e.format = f"diffusers {e.local.parent.name}"
     rel.weights.append(e)
-    try:
-        idx = json.loads((root / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return
-    arch = _arch_of_pipeline(idx.get("_class_name", ""))
+    arch = _folder_arch(root)
     if arch:
         e.architecture = arch
         rel.architectures.add(arch)
 
 
-def _arch_of_pipeline(cls: str) -> str | None:
-    for name in ("sdxl", "sdxl_refiner", "sd15", "flux_dev", "flux_schnell"):
-        mi = data.load_toml(f"{name}.toml").get("model_index", {})
-        if mi.get("_class_name") == cls:
-            return name
-    return None
+@functools.lru_cache(maxsize=None)
+def _folder_arch(root: Path) -> str | None:
+    """The architecture of a diffusers folder, detected from its weights as every command
+    does (the pipeline class alone does not tell Flux dev from schnell)."""
+    from .. import archs
+    from ..errors import ConvkitError
+    from ..sources import open_source
+
+    try:
+        with open_source(root) as src:
+            return archs.detect(src).arch.name
+    except ConvkitError:
+        return None
 
 
 def _classify(rel: Release, e: FileEntry, a: dict) -> None:
