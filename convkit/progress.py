@@ -27,7 +27,7 @@ class Progress:
         scaled = unit == "B"
         if self.label:
             desc = f"{self.label}: {desc}" if desc else self.label
-        with tqdm(total=total, desc=desc, unit=unit, position=self.position, unit_scale=scaled,
-                  unit_divisor=1024,
-                  file=sys.stderr, leave=False, dynamic_ncols=True) as t:
+        with tqdm(total=total, desc=desc, unit=unit, unit_scale=scaled, unit_divisor=1024,
+                  position=self.position, file=sys.stderr, leave=False,
+                  dynamic_ncols=True) as t:
             yield t

@@ -187,3 +187,18 @@ def test_card_of_a_diffusers_folder(recipe_env, tmp_path):
     assert "flux.1-schnell" in meta["tags"] and "base_model" not in meta
     assert "`flux/transformer/diffusion_pytorch_model.safetensors`" in text
     assert validate_card(text)[0] == []
+
+
+def test_card_names_the_loader_of_an_sdcpp_gguf(recipe_env, tmp_path):
+    """The card tells a stable-diffusion.cpp GGUF (quantize layout = sdcpp, from the record)
+    from a ComfyUI-GGUF one."""
+    from convkit.publish import prepare
+    from convkit.recipes import load, run
+
+    r = tmp_path / "r.toml"
+    r.write_text('[inputs.model]\npath = "demo:base"\n[artifacts.q]\nop = "quantize"\n'
+                 'input = "@model"\nto = "gguf:Q8_0"\nlayout = "sdcpp"\npath = "m.gguf"\n')
+    assert run(load(str(r)), tmp_path / "o").ok
+    rel, meta, text = prepare(tmp_path / "o", "me/x", license="openrail++")
+    assert [e.kind for e in rel.weights] == ["gguf_sdcpp"] and "sd-cli -m" in text
+    assert meta["library_name"] == "gguf"

@@ -132,7 +132,7 @@ def tags(release: Release) -> list[str]:
         out.append("nf4")
     if any("fp8" in e.format for e in release.weights):
         out.append("fp8")
-    if any(e.loader.startswith("ComfyUI") or "ComfyUI" in e.loader for e in release.weights):
+    if any("ComfyUI" in e.loader for e in release.weights):
         out.append("comfyui")
     out.append("convkit")
     return list(dict.fromkeys(out))

@@ -105,7 +105,7 @@ def _from_record(folder: Path, record: dict) -> Release:
             e.artifact, e.about = name, meta.get("about", "")
             e.gate = gates.get(rel_path) or gates.get(a["path"])
             rel.files.append(e)
-        _describe(rel, [x for x in rel.files if x.artifact == name], a, top)
+        _describe(rel, [x for x in rel.files if x.artifact == name], {**a, **meta}, top)
     rec = folder / "recipe.toml"
     if rec.is_file():
         e = _entry(folder, "recipe.toml", None)
@@ -213,8 +213,7 @@ def _classify(rel: Release, e: FileEntry, a: dict) -> None:
         quant = str(info.get("quantization") or "")
         full = len(comps) > 1
         if e.path.endswith(".gguf"):
-            sdcpp = "sdcpp" in json.dumps(info.get("layout", "")) or \
-                a.get("summary", {}).get("layout") == "sdcpp"
+            sdcpp = a.get("options", {}).get("layout") == "sdcpp"    # quantize --layout
             e.kind = "gguf_sdcpp" if sdcpp else "gguf"
         elif "nf4" in quant.lower() or "fp4" in quant.lower():
             e.kind = "checkpoint_nf4" if full else "diffusion_model_nf4"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -37,7 +36,7 @@ def memory_budget_default() -> int:
 
 
 def execute_local(tasks: list[Task], on_start, on_done, *, jobs: int = 1,
-                  memory_budget: int | None = None, show_progress: bool = False) -> None:
+                  memory_budget: int | None = None) -> None:
     if jobs <= 1 or len(tasks) <= 1:
         _sequential(tasks, on_start, on_done)
     else:
@@ -85,7 +84,6 @@ def _init_worker(counter) -> None:
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    os.environ.setdefault("CONVKIT_WORKER", "1")
 
 
 def _pool(tasks: list[Task], on_start, on_done, jobs: int, budget: int) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ConvkitError, ErrorGroup, UsageError, raise_all
+from ..errors import ConvkitError, UsageError, raise_all
 from . import inputs as inputs_mod
 from . import state
 from .ops import planned_bytes
@@ -318,6 +318,10 @@ def _header(recipe: Recipe, ins: dict[str, Path]) -> dict:
                        for n, i in recipe.inputs.items()},
             "artifact_info": {n: {"op": a.op.name, "path": a.path, "about": a.about,
                                   "publish": a.publish,
+                                  # what the card needs to say (e.g. a GGUF's layout); paths
+                                  # (inputs) are left out: they are local
+                                  "options": {k: _plain(v) for k, v in a.options.items()
+                                              if not a.op.options[k].is_input},
                                   "reads": [r.text() for r in a.refs()]}
                               for n, a in recipe.artifacts.items()}}
 
@@ -396,10 +400,9 @@ def _execute(tasks, rows, record, out, recipe, *, jobs, executor, ray_address, s
             execute_ray(tasks, on_start, on_done, address=ray_address,
                         max_parallel=jobs if jobs > 1 else None)
         else:
-            execute_local(tasks, on_start, on_done, jobs=jobs, memory_budget=memory_budget,
-                          show_progress=show_progress)
+            execute_local(tasks, on_start, on_done, jobs=jobs, memory_budget=memory_budget)
     finally:
         bar.close()
 
 
-__all__ = ["run", "RunResult", "Row", "content_keys", "ErrorGroup"]
+__all__ = ["run", "RunResult", "Row", "content_keys"]
