@@ -23,6 +23,8 @@ class Component:
     keymap: str = ""     # key map kind in formats/keymaps (unet, vae, clip_l, openclip, t5, flux)
     buffers: tuple[str, ...] = ()  # tensors files carry that are not parameters (name suffixes)
     tokenizer: str = ""  # a text encoder's tokenizer kind (formats/tokenizers: clip_l, clip_g; t5)
+    part: str = ""       # its split/assemble part name when the key map does not say it
+                         # (formats/layouts/part_names.toml; SD3's two clip_proj encoders)
 
     def is_buffer(self, key: str) -> bool:
         return key.endswith(self.buffers) if self.buffers else False
@@ -52,6 +54,11 @@ class Arch:
     #: model_index.json sets), ``absent`` (optional pipeline components written [null, null]),
     #: ``released`` (the Hub repo the facts come from)
     model_index: dict = field(default_factory=dict)
+    #: an architecture whose weights have the same structure as ``variant_of`` (SD3.5 Large
+    #: Turbo): detection picks it only on a hint (``variant_hint``: metadata values, a file-name
+    #: word) and otherwise reports ``variant_of``
+    variant_of: str = ""
+    variant_hint: dict = field(default_factory=dict)
 
     @property
     def pipeline_config(self) -> dict:
@@ -72,14 +79,16 @@ class Arch:
 
 def _parse(d: dict, filename: str) -> Arch:
     comps = {n: Component(n, c["kind"], tuple(c.get("aliases", [])), c.get("params"),
-                          c.get("keymap", ""), tuple(c.get("buffers", [])), c.get("tokenizer", ""))
+                          c.get("keymap", ""), tuple(c.get("buffers", [])), c.get("tokenizer", ""),
+                          c.get("part", ""))
              for n, c in d["components"].items()}
     layouts = tuple(Layout(x["name"], x["naming"], dict(x["prefixes"]), x.get("folder", False),
                            x.get("title", "")) for x in d["layouts"])
     return Arch(d["name"], d.get("title", d["name"]), d.get("gguf_arch", d["name"]),
                 d.get("pipeline", ""), comps, layouts, d.get("detect", {}), filename,
                 d.get("single_file_layout", "sgm"),
-                _model_index(d.get("model_index", {}), filename))
+                _model_index(d.get("model_index", {}), filename),
+                d.get("variant_of", ""), dict(d.get("variant_hint", {})))
 
 
 def _model_index(d: dict, filename: str) -> dict:
@@ -198,9 +207,28 @@ def candidates(src: TensorSource) -> tuple[list, list]:
     return matches, near
 
 
+def variant_hinted(arch: Arch, src: TensorSource) -> bool:
+    """The file says it is this variant: a metadata value or a word of its file name."""
+    h = arch.variant_hint
+    meta = getattr(src, "metadata", None) or {}
+    if any(str(meta.get(k, "")).lower() == str(v).lower() for k, v in h.get("metadata", {}).items()):
+        return True
+    word = h.get("file_name")
+    name = str(getattr(src, "path", "") or "").replace("\\", "/").rsplit("/", 1)[-1].lower()
+    return bool(word) and word.lower() in name
+
+
 def detect(src: TensorSource) -> Detection:
-    """Which architecture and layout ``src`` is; raises UnknownArchitectureError otherwise."""
+    """Which architecture and layout ``src`` is; raises UnknownArchitectureError otherwise.
+
+    A variant architecture (``variant_of``) matches the same weights as its base; it wins
+    when the file hints at it and is left out otherwise."""
     matches, near = candidates(src)
+    hinted = [m for m in matches if m[1].variant_of and variant_hinted(m[1], src)]
+    if hinted:
+        matches = hinted
+    else:
+        matches = [m for m in matches if not m[1].variant_of]
     if matches:
         matches.sort(key=lambda m: -m[0])
         _, arch, layout, comps, rest = matches[0]

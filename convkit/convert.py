@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archs, registry
+from . import archs, registry, sampling
 from .casts import CastContext
 from .engine import Item, Out, OutFile, OutFolder, Plan, RunStats, Src, execute
 from .engine.ops import Cast
@@ -158,6 +158,8 @@ def _folder_plan(plan: Plan, src, out: Path, items: list[Item], chosen: list[str
                 plan.notes.append(f"component '{comp}' left out (model_index.json marks it absent)")
         folder.copies.pop("model_index.json", None)
         folder.extra_files["model_index.json"] = (json.dumps(mi, indent=2) + "\n").encode()
+    # a stated prediction type / sampler, where diffusers reads it (the copied scheduler)
+    sampling.patch_folder(folder, meta, plan.notes)
     return plan
 
 

@@ -5,6 +5,11 @@ publisher's keys) minus the keys that describe a storage format it no longer has
 (``formats/storage.toml``: a float file made from a GGUF does not say ``gguf:Q8_0``), plus
 ``convkit.version``, ``convkit.source`` (file name), ``convkit.source_bytes`` and
 ``convkit.steps`` (a JSON list the source's steps are kept in, with this step appended).
+
+Sampling facts (``convkit.prediction``, ``convkit.sampler``: :mod:`convkit.sampling`) are carried
+even by an output that keeps none of its source's other metadata (a LoRA extracted from a 1-step
+model is sampled like it); the facts a user states for a command override inherited ones and
+are recorded in its step.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from . import __version__
+from . import __version__, sampling
 from .sources.view import plain_metadata
 
 
@@ -59,13 +64,23 @@ def provenance(sources, step: dict, previous: dict[str, str] | None = None) -> d
 
 
 def output_metadata(sources, step: dict, *, storage: dict[str, str] | None = None,
-                    keep_source: bool = True) -> dict[str, str]:
+                    keep_source: bool = True, facts_from=()) -> dict[str, str]:
     """The metadata of an output: the (first) source's plain metadata, provenance, and the
-    output's own storage keys (``storage``: e.g. ``convkit.quantization``)."""
+    output's own storage keys (``storage``: e.g. ``convkit.quantization``). ``facts_from``:
+    metadata of further inputs whose sampling facts override the source's (merge-lora: the
+    LoRAs'); the facts stated in :func:`convkit.sampling.stated` override all of them."""
     srcs = sources if isinstance(sources, (list, tuple)) else [sources]
     meta = dict(srcs[0].metadata) if srcs else {}
     own = getattr(srcs[0], "plain_metadata", None) if srcs else None
     out = (own() if callable(own) else plain_metadata(meta)) if keep_source else {}
+    inherited = sampling.Facts()
+    for m in facts_from:
+        # only what convkit recorded: a kohya LoRA's modelspec keys describe its training
+        inherited = inherited.over(sampling.from_metadata(m, own_only=True))
+    if not keep_source:
+        inherited = inherited.over(sampling.from_metadata(meta))
+    step = dict(step)
+    sampling.apply(out, step, inherited=inherited)
     out.update(provenance(srcs, step, meta))
     out.update(storage or {})
     return out

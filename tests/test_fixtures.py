@@ -22,6 +22,7 @@ from convkit import tiny
 ALL = tiny.ARCHS
 SD = ("sd15", "sdxl", "sdxl_refiner")
 FLUX = ("flux_dev", "flux_schnell")
+SD3 = ("sd3_medium", "sd35_medium", "sd35_large")
 
 
 @pytest.fixture(scope="session")
@@ -180,6 +181,21 @@ def test_flux_from_single_file(built, files, arch):
         assert_same_weights(m.components["vae"], vae, f"{arch} vae")
         # ComfyUI all-in-one layout through the pipeline loader: transformer, CLIP-L, T5, VAE
         pipe = FluxPipeline.from_single_file(str(f["single"]), config=str(f["config"]))
+    for name, mod in m.components.items():
+        assert_same_weights(mod, getattr(pipe, name), f"{arch} {name}")
+
+
+@pytest.mark.parametrize("arch", SD3)
+def test_sd3_from_single_file(built, files, arch):
+    """diffusers' own SD3 single-file loading (its converter infers depth, dual attention and
+    q/k norms from the keys, swaps the last block's context adaLN) reads convkit's file."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    m, f = built(arch), files(arch)
+    tr = SD3Transformer2DModel.from_single_file(str(f["single"]), config=str(f["config"]),
+                                                subfolder="transformer")
+    assert_same_weights(m.components["transformer"], tr, f"{arch} transformer")
+    pipe = StableDiffusion3Pipeline.from_single_file(str(f["single"]), config=str(f["config"]))
     for name, mod in m.components.items():
         assert_same_weights(mod, getattr(pipe, name), f"{arch} {name}")
 

@@ -69,12 +69,14 @@ def test_key_counts(models, arch, comp):
     sd = m.state_dicts()[comp]
     kind, cfg = _kind(arch, comp), _cfg(arch, comp)
     n = len(keymap.to_single_file(kind, sd))
-    if kind in ("unet", "vae", "t5"):
+    if kind in ("unet", "vae", "t5", "clip_proj"):
         expected = len(sd)
     elif kind == "clip_l":
         expected = len(sd) + 1                                  # + position_ids
     elif kind == "openclip":
         expected = len(sd) - 4 * cfg["num_hidden_layers"] + 1   # q,k,v (w+b) fused; + logit_scale
+    elif kind == "mmdit":  # x/context qkv (w+b) fused per block, attn2 qkv in dual blocks
+        expected = len(sd) - 8 * cfg["num_layers"] - 4 * len(cfg.get("dual_attention_layers", ()))
     else:  # flux: img/txt qkv (w+b) fused per double block; q,k,v,mlp (w+b) per single block
         expected = len(sd) - 8 * cfg["num_layers"] - 6 * cfg["num_single_layers"]
     assert n == expected
@@ -154,7 +156,39 @@ KNOWN = [
     ("flux", "flux_dev", "single_transformer_blocks.37.proj_out.weight", "single_blocks.37.linear2.weight"),
     ("flux", "flux_dev", "time_text_embed.guidance_embedder.linear_1.weight", "guidance_in.in_layer.weight"),
     ("flux", "flux_dev", "norm_out.linear.weight", "final_layer.adaLN_modulation.1.weight"),
+    # SD3 / SD3.5 (diffusers single_file_utils.py convert_sd3_transformer_checkpoint_to_diffusers)
+    ("mmdit", "sd35_large", "pos_embed.pos_embed", "pos_embed"),
+    ("mmdit", "sd35_large", "pos_embed.proj.weight", "x_embedder.proj.weight"),
+    ("mmdit", "sd35_large", "time_text_embed.text_embedder.linear_2.bias", "y_embedder.mlp.2.bias"),
+    ("mmdit", "sd35_large", "transformer_blocks.37.attn.norm_added_k.weight",
+     "joint_blocks.37.context_block.attn.ln_k.weight"),
+    ("mmdit", "sd35_large", "transformer_blocks.36.attn.to_add_out.bias",
+     "joint_blocks.36.context_block.attn.proj.bias"),
+    ("mmdit", "sd35_large", "transformer_blocks.5.ff_context.net.2.weight",
+     "joint_blocks.5.context_block.mlp.fc2.weight"),
+    ("mmdit", "sd35_medium", "transformer_blocks.12.attn2.norm_q.weight",
+     "joint_blocks.12.x_block.attn2.ln_q.weight"),
+    ("mmdit", "sd3_medium", "proj_out.weight", "final_layer.linear.weight"),
+    ("clip_proj", "sd35_large", "text_projection.weight", "text_projection.weight"),
 ]
+
+
+def test_mmdit_last_block_swaps_its_context_adaln():
+    """Only the last joint block's context adaLN (2 x hidden rows, pre_only) and the final
+    layer's have (shift, scale) halves swapped; every other block's is copied as is."""
+    for arch, last in (("sd35_large", 37), ("sd3_medium", 23)):
+        r = keymap.resolve("mmdit", f"transformer_blocks.{last}.norm1_context.linear.weight", arch)
+        assert r.transform == "swap_halves"
+        r = keymap.resolve("mmdit", f"transformer_blocks.{last - 1}.norm1_context.linear.weight", arch)
+        assert r.transform is None
+        assert keymap.resolve("mmdit", "norm_out.linear.bias", arch).transform == "swap_halves"
+    # the q/k/v of the image and text streams sit in thirds of the fused qkv
+    assert keymap.single_file_name("mmdit", "transformer_blocks.3.attn.add_v_proj.weight",
+                                   "sd35_large") == (
+        "joint_blocks.3.context_block.attn.qkv.weight", Slice(0, 2, 3, 4864, 7296))
+    # without a config or names, which block is the last is unknown: refused, not guessed
+    with pytest.raises(keymap.KeyMapError, match="last"):
+        keymap.resolve("mmdit", "transformer_blocks.1.norm1_context.linear.weight")
 
 
 @pytest.mark.parametrize("kind,arch,dname,sname", KNOWN)

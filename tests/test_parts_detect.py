@@ -119,7 +119,7 @@ def test_every_convkit_prefix_and_entry_is_cited():
                 continue
             for comp, prefix in lay.prefixes.items():
                 kind = a.components[comp].keymap
-                if kind not in parts.DIFFUSION_KINDS:
+                if kind not in parts.diffusion_kinds():
                     assert (kind, "single", prefix) in listed, (a.name, lay.name, comp)
 
 
@@ -130,7 +130,11 @@ def test_clip_g_in_comfy_all_in_one_spelling(models, tmp_path):
     with open_source(path) as src:
         m = parts.detect_part(src)
         assert (m.kind, m.naming, m.prefix) == ("openclip", "diffusers", prefix)
-        assert m.archs == (("sdxl", "text_encoder_2"), ("sdxl_refiner", "text_encoder_2"))
+        assert m.archs[:2] == (("sdxl", "text_encoder_2"), ("sdxl_refiner", "text_encoder_2"))
+        # the same names are SD3's CLIP-G (clip_proj) under its own prefix: it fits those too
+        assert set(m.archs[2:]) == {(a, "text_encoder_2") for a in archs.load_all()
+                                    if a.startswith(("sd3", "sd35"))}
+        assert m.also == (("clip_proj", "single"),)
         assert "CLIP-L" in m.note   # the names cannot tell a CLIP-L with projection apart
         _assert_reads_back(src, m, "sdxl_refiner", "text_encoder_2", models["sdxl"][1]["text_encoder_2"])
 
@@ -248,8 +252,9 @@ def test_inspect_reports_the_part(models, tmp_path):
     t5 = _write(models, tmp_path, "flux_dev", "text_encoder_2", "single", "")
     out = CliRunner().invoke(main, ["inspect", str(t5), "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["part"]["fits"] == ["flux_dev/text_encoder_2",
-                                                      "flux_schnell/text_encoder_2"]
+    assert json.loads(out.output)["part"]["fits"] == [
+        f"{a.name}/{c.name}" for a in archs.load_all().values() for c in a.components.values()
+        if c.keymap == "t5"]
 
 
 def test_inspect_reports_a_lone_diffusion_model_as_a_part(models, tmp_path):

@@ -5,6 +5,7 @@ import click
 
 from .common import (RegistryChoice, dry_run_option, emit_plan_or_json, output_options,
                      parse_size, progress)
+from .sampling_opts import sampling_options, stated
 
 
 @click.command()
@@ -36,9 +37,10 @@ from .common import (RegistryChoice, dry_run_option, emit_plan_or_json, output_o
 @click.option("--config-from", type=click.Path(file_okay=False), default=None,
               help="A diffusers folder whose component configs, tokenizers and scheduler the "
                    "diffusers output takes (the weights must fit its configs).")
+@sampling_options
 @output_options
 def convert(input, output, dtype, components, on_overflow, dry_run, overwrite, no_detect,
-            variant, max_shard_size, layout, config_from, quiet, as_json):
+            variant, max_shard_size, layout, config_from, prediction, sampler, quiet, as_json):
     """Convert float precision, streaming one tensor at a time.
 
     A single file gives a single file and a diffusers folder a diffusers folder, unless
@@ -55,12 +57,13 @@ def convert(input, output, dtype, components, on_overflow, dry_run, overwrite, n
     """
     from ..convert import convert as do_convert
 
-    result = do_convert(input, output, dtype, components=components, overwrite=overwrite,
-                        dry_run=dry_run, on_overflow=on_overflow, detect=not no_detect,
-                        variant=variant, progress=progress(quiet, as_json), layout=layout,
-                        config_from=config_from,
-                        **({"max_shard_bytes": parse_size(max_shard_size)} if max_shard_size
-                           else {}))
+    with stated(prediction, sampler):
+        result = do_convert(input, output, dtype, components=components, overwrite=overwrite,
+                            dry_run=dry_run, on_overflow=on_overflow, detect=not no_detect,
+                            variant=variant, progress=progress(quiet, as_json), layout=layout,
+                            config_from=config_from,
+                            **({"max_shard_bytes": parse_size(max_shard_size)} if max_shard_size
+                               else {}))
     if emit_plan_or_json(result, as_json=as_json, dry_run=dry_run, quiet=quiet):
         return
     s = result.stats

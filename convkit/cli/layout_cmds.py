@@ -10,6 +10,7 @@ from .common import (
     output_options,
     progress,
 )
+from .sampling_opts import sampling_options, stated
 
 
 def _report(result, quiet, as_json, dry_run):
@@ -51,9 +52,10 @@ def _report(result, quiet, as_json, dry_run):
               show_default=True)
 @dry_run_option
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@sampling_options
 @output_options
 def split_cmd(checkpoint, output, parts, target, name, dtype, to, base, rank, lora_format,
-              config_from, on_overflow, dry_run, overwrite, quiet, as_json):
+              config_from, on_overflow, dry_run, overwrite, prediction, sampler, quiet, as_json):
     """Split CHECKPOINT into its parts, each where and how the target tool loads it, with a
     manifest.json (what came from where, sizes, sha256).
 
@@ -70,10 +72,10 @@ def split_cmd(checkpoint, output, parts, target, name, dtype, to, base, rank, lo
 
     part_list = [p.strip() for p in parts.split(",") if p.strip()] if parts else None
     lora = LoraPart(base, rank, lora_format) if base else None
-    result = split(checkpoint, output, target, parts=part_list, name=name, dtype=dtype, to=to,
-                   lora=lora,
-                   on_overflow=on_overflow, config_from=config_from, overwrite=overwrite,
-                   dry_run=dry_run, progress=progress(quiet, as_json))
+    with stated(prediction, sampler):
+        result = split(checkpoint, output, target, parts=part_list, name=name, dtype=dtype,
+                       to=to, lora=lora, on_overflow=on_overflow, config_from=config_from,
+                       overwrite=overwrite, dry_run=dry_run, progress=progress(quiet, as_json))
     _report(result, quiet, as_json, dry_run)
 
 
@@ -104,9 +106,10 @@ def split_cmd(checkpoint, output, parts, target, name, dtype, to, base, rank, lo
               show_default=True)
 @dry_run_option
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@sampling_options
 @output_options
 def assemble_cmd(unet, clip_l, clip_g, t5, vae, output, layout, target, dtype, config_from,
-                 on_overflow, dry_run, overwrite, quiet, as_json):
+                 on_overflow, dry_run, overwrite, prediction, sampler, quiet, as_json):
     """Assemble one model from parts: a diffusion model plus text encoders and VAE, each a
     part file or taken from a checkpoint, in any layout or encoding. Architecture and sizes
     are checked across all parts before anything is written.
@@ -127,8 +130,9 @@ def assemble_cmd(unet, clip_l, clip_g, t5, vae, output, layout, target, dtype, c
         from ..layouts.targets import get
 
         layout = "diffusers" if get(target).diffusers_folder else "single-file"
-    result = assemble({"unet": unet, "clip_l": clip_l, "clip_g": clip_g, "t5": t5, "vae": vae},
-                      output, layout=layout, dtype=dtype, on_overflow=on_overflow,
-                      config_from=config_from, overwrite=overwrite, dry_run=dry_run,
-                      progress=progress(quiet, as_json))
+    with stated(prediction, sampler):
+        result = assemble({"unet": unet, "clip_l": clip_l, "clip_g": clip_g, "t5": t5,
+                           "vae": vae}, output, layout=layout, dtype=dtype,
+                          on_overflow=on_overflow, config_from=config_from, overwrite=overwrite,
+                          dry_run=dry_run, progress=progress(quiet, as_json))
     _report(result, quiet, as_json, dry_run)

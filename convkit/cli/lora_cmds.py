@@ -6,6 +6,7 @@ import json
 import click
 
 from .common import RegistryChoice, dry_run_option, emit_plan_or_json, output_options, progress
+from .sampling_opts import sampling_options, stated
 
 
 @click.command("merge-lora")
@@ -21,9 +22,10 @@ from .common import RegistryChoice, dry_run_option, emit_plan_or_json, output_op
               show_default=True)
 @dry_run_option
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@sampling_options
 @output_options
 def merge_lora_cmd(base, loras, output, dtype, allow_unmatched, on_overflow, dry_run, overwrite,
-                   quiet, as_json):
+                   prediction, sampler, quiet, as_json):
     """Merge LoRA/LyCORIS files into BASE, streaming one tensor at a time.
 
     Each LORA may carry a weight: LORA:WEIGHT (default 1). Deltas are added in fp32
@@ -34,12 +36,14 @@ def merge_lora_cmd(base, loras, output, dtype, allow_unmatched, on_overflow, dry
       convkit merge-lora juggernautXL.safetensors sdxl_lightning_4step_lora.safetensors -o jugg-4step.safetensors
       convkit merge-lora base.safetensors style.safetensors:0.7 detail.safetensors:0.3 -o out.safetensors --dtype fp16
       convkit merge-lora ./sdxl-diffusers lora.safetensors -o ./merged-diffusers
+      convkit merge-lora sd_xl_base_1.0.safetensors lcm-lora-sdxl.safetensors -o lcm.safetensors --sampler lcm
     """
     from ..lora.merge import merge_lora
 
-    r = merge_lora(base, list(loras), output, dtype=dtype, allow_unmatched=allow_unmatched,
-                   overwrite=overwrite, dry_run=dry_run, on_overflow=on_overflow,
-                   progress=progress(quiet, as_json))
+    with stated(prediction, sampler):
+        r = merge_lora(base, list(loras), output, dtype=dtype, allow_unmatched=allow_unmatched,
+                       overwrite=overwrite, dry_run=dry_run, on_overflow=on_overflow,
+                       progress=progress(quiet, as_json))
     if as_json:
         emit_plan_or_json(r, as_json=True, dry_run=dry_run)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import RegistryChoice, dry_run_option, emit_plan_or_json, output_options, progress
+from .sampling_opts import sampling_options, stated
 
 
 def _normalise(name: str) -> str:
@@ -58,10 +59,11 @@ def _normalise(name: str) -> str:
 @dry_run_option
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--variant", default=None, help="diffusers weight variant to read (e.g. fp16).")
+@sampling_options
 @output_options
 def quantize_cmd(input, output, target, layout, type_rules, scaled_format, double_quant,
                  rest_dtype, extras_dir, extras_format, extras_type, report_path, no_verify,
-                 dry_run, overwrite, variant, quiet, as_json):
+                 dry_run, overwrite, variant, prediction, sampler, quiet, as_json):
     """Quantize the diffusion model: FP8, NF4/FP4 (Forge) or GGUF (ComfyUI-GGUF, sd.cpp).
 
     Every output is reopened and checked; the error of every quantized tensor (relative RMSE
@@ -78,14 +80,15 @@ def quantize_cmd(input, output, target, layout, type_rules, scaled_format, doubl
     """
     from ..quantize import quantize as do_quantize
 
-    result = do_quantize(input, output, target, layout=layout, type_rules=type_rules,
-                         scaled_format=scaled_format, double_quant=double_quant,
-                         rest_dtype=rest_dtype, extras_dir=extras_dir,
-                         extras_format=extras_format,
-                         extras_type=None if extras_type == "auto" else extras_type,
-                         report_path=report_path,
-                         overwrite=overwrite, dry_run=dry_run, verify=not no_verify,
-                         variant=variant, progress=progress(quiet, as_json))
+    with stated(prediction, sampler):
+        result = do_quantize(input, output, target, layout=layout, type_rules=type_rules,
+                             scaled_format=scaled_format, double_quant=double_quant,
+                             rest_dtype=rest_dtype, extras_dir=extras_dir,
+                             extras_format=extras_format,
+                             extras_type=None if extras_type == "auto" else extras_type,
+                             report_path=report_path,
+                             overwrite=overwrite, dry_run=dry_run, verify=not no_verify,
+                             variant=variant, progress=progress(quiet, as_json))
     if emit_plan_or_json(result, as_json=as_json, dry_run=dry_run, quiet=quiet):
         return
     s = result.stats

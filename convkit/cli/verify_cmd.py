@@ -23,12 +23,14 @@ from .common import dry_run_option, output_options, progress
 @click.option("--steps", type=int, help="Sampling steps (default per architecture: 4).")
 @click.option("--size", help="Image size, 512 or 768x512 (default: 512, or the model's native "
                              "size when smaller).")
-@click.option("--sampler", help="euler-trailing, euler, lcm, flow-euler (default per "
+@click.option("--sampler", help="euler-trailing, euler, lcm, flow-euler (default: the one a "
+                                "file's metadata states, convkit.sampler; else per "
                                 "architecture).")
 @click.option("--guidance", type=float, help="Guidance scale (default per architecture: 0 for "
                                              "SDXL/schnell, 3.5 for Flux dev).")
-@click.option("--prediction", help="Prediction type when the file does not say: epsilon, "
-                                   "v_prediction, sample (x0: the 1-step Lightning model).")
+@click.option("--prediction", help="Prediction type: epsilon, v_prediction, sample (x0: the "
+                                   "1-step Lightning model). Default: what a file's metadata "
+                                   "says (convkit.prediction, modelspec.prediction_type).")
 @click.option("--reference-steps", type=int, help="Steps for the reference only (e.g. 25 for "
                                                   "a base model against a 4-step merge).")
 @click.option("--reference-sampler", help="Sampler for the reference only.")

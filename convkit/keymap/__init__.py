@@ -1,8 +1,10 @@
 """Diffusers state-dict names <-> real single-file (LDM/SGM, BFL, ComfyUI) names.
 
-Component kinds (``KINDS``): ``unet`` (UNet2DConditionModel), ``vae`` (AutoencoderKL),
-``clip_l`` (CLIPTextModel), ``openclip`` (CLIPTextModelWithProjection <-> OpenCLIP text tower),
-``t5`` (T5EncoderModel), ``flux`` (FluxTransformer2DModel <-> BFL names).
+Component kinds (:func:`kinds`, data in ``formats/keymaps/index.toml``): ``unet``
+(UNet2DConditionModel), ``vae`` (AutoencoderKL), ``clip_l`` (CLIPTextModel), ``openclip``
+(CLIPTextModelWithProjection <-> OpenCLIP text tower), ``clip_proj`` (CLIPTextModelWithProjection,
+same names), ``t5`` (T5EncoderModel), ``flux`` (FluxTransformer2DModel <-> BFL names), ``mmdit``
+(SD3Transformer2DModel <-> Stability's MMDiT names).
 
 Names inside one component carry no checkpoint prefix; :func:`arch_to_single_file` and
 :func:`arch_to_diffusers` add/remove the per-architecture prefixes from the
@@ -22,11 +24,11 @@ from typing import Iterable, Mapping
 import torch
 
 from ._engine import Extra, KeyMap, Target
-from .maps import KINDS, KeyMapError, get_map
+from .maps import KeyMapError, diffusion_kinds, get_map, kind_info, kinds
 from .parts import ComponentMap, Part, Split, parts
 
 __all__ = [
-    "KINDS", "KeyMapError", "Slice", "Resolved", "to_single_file", "to_diffusers", "single_file_name",
+    "kinds", "kind_info", "diffusion_kinds", "KeyMapError", "Slice", "Resolved", "to_single_file", "to_diffusers", "single_file_name",
     "resolve", "diffusers_names", "components", "archs", "pipeline_class_name", "arch_to_single_file",
     "arch_to_diffusers", "get_map", "single_file_recipes", "parts", "Part", "Split", "ComponentMap",
 ]
@@ -231,10 +233,9 @@ def resolve(kind: str, diffusers_name: str, config=None) -> Resolved:
         start = stop = None
         h = km.hidden
         sizes = target.sizes or ("h",) * len(target.parts)
-        if h is not None:
-            vals = []
-            for s in sizes:
-                vals.append(h if s == "h" else (4 * h if s == "*" else int(s)))  # "*" = Flux MLP (ratio 4)
+        ratio = getattr(km, "mlp_ratio", None)       # "*" = the MLP (data: [hidden] mlp_ratio)
+        if h is not None and ("*" not in sizes or ratio):
+            vals = [h if s == "h" else (int(ratio * h) if s == "*" else int(s)) for s in sizes]
             start = sum(vals[:k])
             stop = start + vals[k]
         sl = Slice(0, k, len(target.parts), start, stop)

@@ -18,6 +18,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..errors import ConvkitError
+
+
+class KeyMapError(ConvkitError, KeyError):
+    """A tensor name that the key map of its component does not know, or an incomplete fused set."""
+
+    exit_code = 3
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return self._compose()
+
 
 @dataclass(frozen=True)
 class Target:
@@ -144,17 +155,36 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 class PatternMap(KeyMap):
-    def __init__(self, kind: str, data: dict, hidden: int | None = None):
+    """``depth`` (number of ``{i}`` blocks) is needed only by rules limited to one block
+    (``only_block = "last"``: the MMDiT's last joint block differs from the others)."""
+
+    def __init__(self, kind: str, data: dict, hidden: int | None = None, depth: int | None = None):
         self.kind = kind
         self.hidden = hidden
+        self.depth = depth
+        self.mlp_ratio = data.get("hidden", {}).get("mlp_ratio")
         self.rules = []
+        self._only = {}
         for r in data.get("rule", []):
             parts = tuple(r["diffusers"])
             sizes = tuple(str(s) for s in r["sizes"]) if "sizes" in r else None
+            if r.get("only_block", "last") != "last":
+                raise ValueError(f"only_block takes \"last\" (rule for {r['single']})")
             self.rules.append((parts, r["single"], r.get("transform"), sizes,
                                [_compile(p) for p in parts], _compile(r["single"])))
+            if "only_block" in r:
+                self._only[r["single"]] = r["only_block"]
         self.extras = tuple(_extras(data))
         self.drop_diffusers = frozenset(data.get("drop_diffusers", ()))
+
+    def _transform(self, single: str, transform: str | None, m: re.Match) -> str | None:
+        """A rule's transform, or None when the rule limits it to a block this is not."""
+        if transform is None or single not in self._only:
+            return transform
+        if self.depth is None:
+            raise KeyMapError("which block is the last is not known (the key map needs the "
+                              "model's config or all of its tensor names)", key=single)
+        return transform if int(m.group("i")) == self.depth - 1 else None
 
     @staticmethod
     def _fill(pattern: str, m: re.Match) -> str:
@@ -168,7 +198,7 @@ class PatternMap(KeyMap):
                 m = rx.match(name)
                 if m:
                     t = Target(self._fill(single, m), tuple(self._fill(p, m) for p in parts),
-                               transform, sizes)
+                               self._transform(single, transform, m), sizes)
                     return t, k
         return None
 
@@ -176,7 +206,8 @@ class PatternMap(KeyMap):
         for parts, single, transform, sizes, _, srx in self.rules:
             m = srx.match(name)
             if m:
-                return Target(name, tuple(self._fill(p, m) for p in parts), transform, sizes)
+                return Target(name, tuple(self._fill(p, m) for p in parts),
+                              self._transform(single, transform, m), sizes)
         return None
 
 

@@ -2,30 +2,37 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Iterable, Mapping
 
 import torch
 
-from ..errors import ConvkitError
 from ._data import load_config, load_toml
-from ._engine import KeyMap, PatternMap, PrefixMap
+from ._engine import KeyMap, KeyMapError, PatternMap, PrefixMap
 from .unet import UNetStructure, unet_map
 from .vae import VAEStructure, vae_map
 
-KINDS = ("unet", "vae", "clip_l", "openclip", "t5", "flux")
 
-# component folder whose full-size config describes a kind (formats/configs/<arch>/<name>.json)
-_KIND_CONFIG = {"unet": "unet", "vae": "vae", "clip_l": "text_encoder", "openclip": "text_encoder_2",
-                "t5": "text_encoder_2", "flux": "transformer"}
+@functools.cache
+def _index() -> dict[str, dict]:
+    """formats/keymaps/index.toml: kind -> engine, data file, flags."""
+    return load_toml("index")["kinds"]
 
 
-class KeyMapError(ConvkitError, KeyError):
-    """A tensor name that the key map of its component does not know, or an incomplete fused set."""
+def kinds() -> tuple[str, ...]:
+    return tuple(_index())
 
-    exit_code = 3
 
-    def __str__(self) -> str:  # KeyError would repr() the message otherwise
-        return self._compose()
+def kind_info(kind: str) -> dict:
+    if kind not in _index():
+        from ..errors import UnknownNameError
+        raise UnknownNameError("key map kind", kind, tuple(_index()))
+    return _index()[kind]
+
+
+def diffusion_kinds() -> tuple[str, ...]:
+    """Kinds that are diffusion models (formats/keymaps/index.toml diffusion_model = true)."""
+    return tuple(k for k, v in _index().items() if v.get("diffusion_model"))
 
 
 # --------------------------------------------------------------------------- map construction
@@ -58,41 +65,66 @@ def _clip_is_flat() -> bool:
     return not any(k.startswith("text_model.") for k in m.state_dict())
 
 
+def _config_component(kind: str, arch: str) -> str:
+    """The component of ``arch`` whose key map is ``kind`` (its config describes the kind)."""
+    from .. import archs
+
+    hits = [c.name for c in archs.get(arch).components.values() if c.keymap == kind]
+    if not hits:
+        raise KeyMapError(f"{arch} has no component with key map '{kind}'")
+    return hits[0]
+
+
 def _resolve_config(kind: str, config) -> dict | None:
     if config is None or isinstance(config, Mapping):
         return config
     if isinstance(config, str):
-        return load_config(config, _KIND_CONFIG[kind])
+        return load_config(config, _config_component(kind, config))
     if hasattr(config, "to_dict"):
         return config.to_dict()
     return dict(config)
 
 
-def _hidden(kind: str, cfg: dict | None, sd: Mapping | None, side: str) -> int | None:
-    if kind == "flux":
-        if cfg and "num_attention_heads" in cfg:
-            return int(cfg["num_attention_heads"]) * int(cfg.get("attention_head_dim", 128))
-        key = "x_embedder.weight" if side == "d" else "img_in.weight"
-        if sd is not None and key in sd:
-            return int(sd[key].shape[0])
-    if kind == "openclip":
-        if cfg and "hidden_size" in cfg:
-            return int(cfg["hidden_size"])
-        if sd is not None:
-            key = ("text_model.embeddings.token_embedding.weight" if side == "d" else "token_embedding.weight")
-            if key in sd:
-                return int(sd[key].shape[1])
+def _hidden(data: dict, cfg: dict | None, sd: Mapping | None, side: str) -> int | None:
+    """The hidden size a patterns map's fused parts use ("h"), from its data file's [hidden]:
+    the product of config fields, else a tensor's shape."""
+    h = data.get("hidden")
+    if not h:
+        return None
+    fields = h.get("config", [])
+    if cfg and fields and all(f in cfg for f in fields):
+        out = 1
+        for f in fields:
+            out *= int(cfg[f])
+        return out
+    key = h.get("diffusers" if side == "d" else "single")
+    if sd is not None and key and key in sd:
+        return int(sd[key].shape[int(h.get("dim", 0))])
     return None
+
+
+def _depth(data: dict, cfg: dict | None, names: Iterable[str] | None, side: str) -> int | None:
+    """Number of {i} blocks, from the config field or the highest block number in the names."""
+    d = data.get("depth")
+    if not d:
+        return None
+    if cfg and d.get("config") in cfg:
+        return int(cfg[d["config"]])
+    pattern = d.get("diffusers" if side == "d" else "single")
+    if names is None or not pattern:
+        return None
+    rx = re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(\d+)"))
+    found = [int(m.group(1)) for n in names if (m := rx.match(n))]
+    return max(found) + 1 if found else None
 
 
 def get_map(kind: str, config=None, names: Iterable[str] | None = None, side: str = "d",
             sd: Mapping | None = None) -> KeyMap:
     """The :class:`KeyMap` of one component. ``side`` says which naming ``names`` use ("d"/"s")."""
-    if kind not in KINDS:
-        from ..errors import UnknownNameError
-        raise UnknownNameError("component kind", kind, KINDS)
+    info = kind_info(kind)
     cfg = _resolve_config(kind, config)
-    if kind == "unet":
+    engine, data = info["engine"], load_toml(info["file"])
+    if engine == "unet":
         if cfg is not None:
             st = UNetStructure.from_config(cfg)
         elif names is not None:
@@ -101,7 +133,7 @@ def get_map(kind: str, config=None, names: Iterable[str] | None = None, side: st
         else:
             raise KeyMapError("the unet key map needs a config (dict or arch name) or the state-dict names")
         return unet_map(st)
-    if kind == "vae":
+    if engine == "vae":
         if cfg is not None:
             st = VAEStructure.from_config(cfg)
         elif names is not None:
@@ -110,13 +142,12 @@ def get_map(kind: str, config=None, names: Iterable[str] | None = None, side: st
         else:
             st = VAEStructure()
         return vae_map(st)
-    if kind == "clip_l":
-        flat = _clip_is_flat()
-        return PrefixMap(kind, load_toml("clip_l"),
-                         out_name=(lambda n: n.removeprefix("text_model.")) if flat else None)
-    if kind == "t5":
-        return PrefixMap(kind, load_toml("t5"))
-    data = load_toml("openclip" if kind == "openclip" else "flux_bfl")
-    return PatternMap(kind, data, hidden=_hidden(kind, cfg, sd, side))
-
-
+    if engine == "prefix":
+        flat = info.get("clip_spelling") and _clip_is_flat()
+        return PrefixMap(kind, data, out_name=(lambda n: n.removeprefix("text_model.")) if flat else None)
+    if engine == "patterns":
+        if names is None and sd is not None:
+            names = list(sd.keys())
+        return PatternMap(kind, data, hidden=_hidden(data, cfg, sd, side),
+                          depth=_depth(data, cfg, names, side))
+    raise KeyMapError(f"formats/keymaps/index.toml: unknown engine '{engine}' for kind '{kind}'")

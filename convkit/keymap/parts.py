@@ -38,7 +38,8 @@ class Split:
         return len(self.parts) > 1
 
 
-def _sizes(target: Target, total: int | None, hidden: int | None) -> list[int] | None:
+def _sizes(target: Target, total: int | None, hidden: int | None,
+           mlp_ratio: float | None = None) -> list[int] | None:
     n = len(target.parts)
     if n == 1:
         return None if total is None else [total]
@@ -49,8 +50,8 @@ def _sizes(target: Target, total: int | None, hidden: int | None) -> list[int] |
     if "h" in target.sizes and hidden is None:
         return None
     fixed = [hidden if s == "h" else (None if s == "*" else int(s)) for s in target.sizes]
-    if total is None:   # "*" is the rest; without the total only Flux' 4x MLP ratio is known
-        rest = 4 * hidden if hidden else None
+    if total is None:   # "*" is the rest; without the total, the map's MLP ratio (data) says it
+        rest = int(mlp_ratio * hidden) if hidden and mlp_ratio else None
     else:
         rest = total - sum(s for s in fixed if s is not None)
     out = [s if s is not None else rest for s in fixed]
@@ -59,8 +60,9 @@ def _sizes(target: Target, total: int | None, hidden: int | None) -> list[int] |
     return out
 
 
-def _split(target: Target, total: int | None, hidden: int | None) -> Split:
-    sizes = _sizes(target, total, hidden)
+def _split(target: Target, total: int | None, hidden: int | None,
+           mlp_ratio: float | None = None) -> Split:
+    sizes = _sizes(target, total, hidden, mlp_ratio)
     parts, start = [], 0
     for i, name in enumerate(target.parts):
         if sizes is None:
@@ -84,6 +86,7 @@ class ComponentMap:
 
         self.kind = kind
         self._km: KeyMap = get_map(kind, config, names=names, side=side, sd=sd)
+        self._ratio = getattr(self._km, "mlp_ratio", None)
 
     @property
     def hidden(self) -> int | None:
@@ -92,7 +95,7 @@ class ComponentMap:
     def split(self, single_name: str, total: int | None = None) -> Split | None:
         """The parts of a single-file tensor; ``total`` = its size along dim 0 (resolves sizes)."""
         t = self._km.s2d(single_name)
-        return None if t is None else _split(t, total, self._km.hidden)
+        return None if t is None else _split(t, total, self._km.hidden, self._ratio)
 
     def locate(self, diffusers_name: str, total: int | None = None) -> tuple[Split, int] | None:
         """``(split of its single-file tensor, index of this part)`` of a diffusers name."""
@@ -100,7 +103,7 @@ class ComponentMap:
         if hit is None:
             return None
         t, k = hit
-        return _split(t, total, self._km.hidden), k
+        return _split(t, total, self._km.hidden, self._ratio), k
 
 
 def parts(kind: str, single_name: str, config=None, *, total: int | None = None

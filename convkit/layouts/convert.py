@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import archs
+from .. import archs, sampling
 from ..casts import CastContext
 from ..engine import OutFile, OutFolder, Plan
 from ..errors import UsageError
@@ -90,4 +90,6 @@ def write_folder(plan: Plan, arch: archs.Arch, sources: dict[str, Source], out: 
     folder.extra_files.update(files)
     folder.copies.update(copies)
     plan.notes += notes
+    # a stated or inherited prediction type / sampler, where diffusers reads it
+    sampling.patch_folder(folder, meta, plan.notes)
     return folder

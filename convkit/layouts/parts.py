@@ -39,8 +39,12 @@ from ..errors import (
 #: metadata key convkit writes into the parts it makes: "<arch>/<component>"
 PART_METADATA = "convkit.part"
 
-#: keymap kinds of diffusion models: their architecture is known from their keys (archs.detect)
-DIFFUSION_KINDS = ("unet", "flux")
+def diffusion_kinds() -> tuple[str, ...]:
+    """Keymap kinds of diffusion models: their architecture is known from their keys
+    (archs.detect); formats/keymaps/index.toml says which they are."""
+    from ..keymap import diffusion_kinds as kinds
+
+    return kinds()
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class PartMatch:
     title: str       # e.g. "CLIP-L text encoder (transformers names)"
     archs: tuple[tuple[str, str], ...]   # (arch, component) pairs this part can be
     note: str = ""   # what the keys cannot tell (e.g. CLIP-L with projection vs CLIP-G)
+    #: other (kind, naming) pairs whose names are exactly these keys (SDXL's CLIP-G in
+    #: transformers names = SD3's clip_proj encoders): the component it is given to decides
+    also: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
@@ -201,6 +208,13 @@ def match_rules(src) -> PartMatch | None:
         return None
     best = max(m for m, _ in found)
     top = [p for m, p in found if m == best]
+    if len(top) > 1 and len({p.prefix for p in top}) == 1 and \
+            len({(p.kind, p.naming) for p in top}) == len(top):
+        # the same names read by several kinds' maps: one part that fits all their components
+        top = [_narrow_by_prefix(p) for p in top]
+        return _apply_metadata(src, replace(
+            top[0], archs=tuple(dict.fromkeys(a for p in top for a in p.archs)),
+            also=tuple((p.kind, p.naming) for p in top[1:])))
     return _apply_metadata(src, _narrow_by_prefix(top[0])) if len(top) == 1 else None
 
 
@@ -281,11 +295,9 @@ def _apply_metadata(src, match: PartMatch) -> PartMatch:
     arch, _, comp = str(value).partition("/")
     if (arch, comp) in match.archs:
         # convkit wrote it: what the keys alone cannot tell is known, so no caveat
-        return PartMatch(match.kind, match.naming, match.prefix, match.keys, match.title,
-                         ((arch, comp),), "")
+        return replace(match, archs=((arch, comp),), note="")
     why = f"metadata {PART_METADATA} = '{value}' does not fit these keys; ignored"
-    return PartMatch(match.kind, match.naming, match.prefix, match.keys, match.title, match.archs,
-                     f"{match.note}; {why}" if match.note else why)
+    return replace(match, note=f"{match.note}; {why}" if match.note else why)
 
 
 # --------------------------------------------------------------------------- as a Detection
@@ -304,10 +316,13 @@ def as_detection(src, match: PartMatch, arch: str, component: str) -> archs.Dete
     if spec is None:
         raise UnknownNameError(f"component of {arch}", component, a.components)
     fits = ", ".join(match.fits) or "nothing convkit knows"
+    alt = next(((k, n) for k, n in match.also if k == spec.keymap), None)
+    if alt is not None:
+        match = replace(match, kind=alt[0], naming=alt[1], also=())
     if spec.keymap != match.kind:
         raise UsageError(f"{src.path} is a {match.label}, but {arch}/{component} is a {spec.keymap} "
                          f"component", hint=f"it fits {fits}")
-    if match.kind in DIFFUSION_KINDS and (arch, component) not in match.archs:
+    if match.kind in diffusion_kinds() and (arch, component) not in match.archs:
         raise UsageError(f"{src.path} is a {match.title}, not {arch}'s", hint=f"it fits {fits}")
     naming = "diffusers" if match.naming == "diffusers" else a.layout(a.single_file_layout).naming
     layout = archs.Layout(f"part-{match.kind}", naming, {component: match.prefix}, False, match.title)

@@ -73,7 +73,7 @@ def _rename(src, det, inp, place, ctx) -> list[Item]:
     comp = place.comp
     pre = det.layout.prefixes.get(comp, "")
     kind = det.arch.components[comp].keymap
-    spell = kind == "clip_l" and place.naming == "diffusers"
+    spell = _clip_spelling(kind) and place.naming == "diffusers"
     op = Cast(ctx)
     items = []
     for k in _ordered(src, det, comp):
@@ -92,6 +92,14 @@ def _rename(src, det, inp, place, ctx) -> list[Item]:
         if values:
             items.append(_const(values, place, comp))
     return items
+
+
+def _clip_spelling(kind: str) -> bool:
+    """The kind's diffusers side is CLIPTextModel, spelled with or without ``text_model.``
+    (formats/keymaps/index.toml clip_spelling)."""
+    from ..keymap import kind_info
+
+    return bool(kind_info(kind).get("clip_spelling"))
 
 
 def _stored_tensor(s: dict) -> torch.Tensor:
@@ -119,7 +127,7 @@ def _to_diffusers(src, det, inp, place, ctx, notes) -> list[Item]:
     for t in component_tensors(src, det, comp):
         by_key.setdefault(t.key, []).append(t)
     name = (lambda n: n if n.startswith(CLIP_L_SPELLING) else CLIP_L_SPELLING + n) \
-        if kind == "clip_l" else (lambda n: n)
+        if _clip_spelling(kind) else (lambda n: n)
     items = []
     for key, ts in by_key.items():
         info = src.info(key)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import archs, registry
+from .. import archs, registry, sampling
 from ..casts import CastContext
 from ..convert import plan_convert
 from ..errors import ConvkitError, UsageError, raise_all
@@ -310,9 +310,14 @@ def merge_lora(base: str | os.PathLike, loras, output: str | os.PathLike, *,
                                                   for s in specs]}
             if dtype:
                 step["dtype"] = registry.get("cast", dtype).name
-            meta = output_metadata(src, step)
+            # a LoRA that says how its merge samples (convkit.sampler / convkit.prediction,
+            # e.g. one extracted from a 1-step model) says it for the merge
+            meta = output_metadata(src, step, facts_from=[lf.metadata for s, lf in files
+                                                          if s.weight])
             for f in plan.files.values():
                 f.metadata = {"format": "pt", **meta} if plan.folder else dict(meta)
+            if plan.folder:
+                sampling.patch_folder(plan.folders[""], meta, plan.notes)
             plan.check(overwrite)
             result = MergeResult(plan, det, reports)
             for r in reports:

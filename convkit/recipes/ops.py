@@ -72,6 +72,24 @@ def _size(text):
     return parse_size(text)
 
 
+def _sampling_opts() -> dict[str, Opt]:
+    """--prediction / --sampler of the commands that write a model (:mod:`convkit.sampling`)."""
+    from .. import sampling
+
+    spellings = tuple(sampling.prediction_names()) + tuple(
+        sorted(set(sampling.prediction_spellings()) - set(sampling.prediction_names())))
+    return {"prediction": Opt("choice", None, spellings,
+                              help="record the prediction type (epsilon, v_prediction, sample)"),
+            "sampler": Opt("choice", None, sampling.sampler_names(),
+                           help="record the sampler the model is meant for (e.g. lcm)")}
+
+
+def _stated(o):
+    from .. import sampling
+
+    return sampling.stated(prediction=o.get("prediction"), sampler=o.get("sampler"))
+
+
 def planned_bytes(result) -> int | None:
     """What an operation's dry run says it would write (None when it cannot say)."""
     plan = getattr(result, "plan", None)
@@ -83,6 +101,11 @@ def planned_bytes(result) -> int | None:
 # --- the operations -------------------------------------------------------------------------
 
 def _convert(o, out, dry_run, progress):
+    with _stated(o):
+        return _convert_run(o, out, dry_run, progress)
+
+
+def _convert_run(o, out, dry_run, progress):
     from ..convert import convert
 
     return convert(o["input"], out, o["dtype"], components=o["components"],
@@ -107,7 +130,7 @@ add(Operation(
      "variant": Opt("str"),
      "max_shard_size": Opt("str", help="e.g. 5GB"),
      "layout": Opt("str", help="single-file, diffusers, sgm-unet, ..."),
-     "config_from": Opt("path")},
+     "config_from": Opt("path"), **_sampling_opts()},
     "file", _convert, _convert_summary))
 
 
@@ -118,6 +141,11 @@ def _normalise_target(name: str) -> str:
 
 
 def _quantize(o, out, dry_run, progress):
+    with _stated(o):
+        return _quantize_run(o, out, dry_run, progress)
+
+
+def _quantize_run(o, out, dry_run, progress):
     from ..quantize import quantize
 
     return quantize(o["input"], out, o["to"], layout=o["layout"], type_rules=o["type_rule"],
@@ -149,11 +177,16 @@ add(Operation(
      "extras_format": Opt("choice", "safetensors", ("safetensors", "gguf")),
      "extras_type": Opt("str", "auto"),
      "no_verify": Opt("bool", False),
-     "variant": Opt("str")},
+     "variant": Opt("str"), **_sampling_opts()},
     "file", _quantize, _quantize_summary))
 
 
 def _merge(o, out, dry_run, progress):
+    with _stated(o):
+        return _merge_run(o, out, dry_run, progress)
+
+
+def _merge_run(o, out, dry_run, progress):
     from ..lora.merge import merge_lora
 
     return merge_lora(o["base"], list(o["loras"]), out, dtype=o["dtype"],
@@ -173,7 +206,7 @@ add(Operation(
      "loras": Opt("paths", required=True, help="@lora or @lora:WEIGHT"),
      "dtype": Opt("registry:cast"),
      "allow_unmatched": Opt("bool", False),
-     "on_overflow": Opt("choice", "clamp", ON_OVERFLOW)},
+     "on_overflow": Opt("choice", "clamp", ON_OVERFLOW), **_sampling_opts()},
     "file", _merge, _merge_summary))
 
 
@@ -226,6 +259,11 @@ add(Operation(
 
 
 def _split(o, out, dry_run, progress):
+    with _stated(o):
+        return _split_run(o, out, dry_run, progress)
+
+
+def _split_run(o, out, dry_run, progress):
     from ..layouts.split import LoraPart, split
 
     parts = o["parts"]
@@ -248,11 +286,17 @@ add(Operation(
      "parts": Opt("str", help="unet,clip_l,clip_g,t5,vae,lora"),
      "name": Opt("str"), "dtype": Opt("strs", ()), "to": Opt("strs", ()),
      "base": Opt("path"), "rank": Opt("int", 64), "lora_format": Opt("registry:lora-format"),
-     "config_from": Opt("path"), "on_overflow": Opt("choice", "clamp", ON_OVERFLOW)},
+     "config_from": Opt("path"), "on_overflow": Opt("choice", "clamp", ON_OVERFLOW),
+     **_sampling_opts()},
     "folder", _split, _layout_summary))
 
 
 def _assemble(o, out, dry_run, progress):
+    with _stated(o):
+        return _assemble_run(o, out, dry_run, progress)
+
+
+def _assemble_run(o, out, dry_run, progress):
     from ..layouts.assemble import assemble
 
     layout = o["layout"]
@@ -271,7 +315,8 @@ add(Operation(
     {"unet": Opt("path", required=True), "clip_l": Opt("path"), "clip_g": Opt("path"),
      "t5": Opt("path"), "vae": Opt("path"), "layout": Opt("str"),
      "for": Opt("registry:layout-target"), "dtype": Opt("registry:cast"),
-     "config_from": Opt("path"), "on_overflow": Opt("choice", "clamp", ON_OVERFLOW)},
+     "config_from": Opt("path"), "on_overflow": Opt("choice", "clamp", ON_OVERFLOW),
+     **_sampling_opts()},
     "file", _assemble, _layout_summary))
 
 

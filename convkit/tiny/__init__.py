@@ -20,9 +20,10 @@ import torch
 from .. import keymap
 from ..models import instantiate
 
-ARCHS = ("sd15", "sdxl", "sdxl_refiner", "flux_dev", "flux_schnell")
-
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: every architecture with a tiny config (convkit/tiny/configs/<arch>.json)
+ARCHS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))
 
 
 @dataclass
@@ -81,6 +82,13 @@ def build(arch: str, seed: int = 0) -> TinyModel:
     for i, (name, c) in enumerate(s["components"].items()):
         m = instantiate(c["class"], c["config"])
         _reinit(m, seed * 1000 + i)
+        # weights the released model has as identity matrices (SD3's CLIP-L text_projection:
+        # SD3 uses CLIP-L's pooled output unprojected, diffusers single_file_utils.py sets it to
+        # torch.eye when it loads an SD3 single file)
+        with torch.no_grad():
+            for pname in c.get("identity", ()):
+                p = m.get_parameter(pname)
+                p.copy_(torch.eye(*p.shape, dtype=p.dtype))
         m.eval()
         comps[name] = m
     return TinyModel(arch, comps, s["pipeline"], s)
@@ -199,7 +207,8 @@ def pipeline(tiny: TinyModel, dtype: torch.dtype = torch.float32):
     import inspect
 
     params = inspect.signature(cls.__init__).parameters
-    for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder",
+    for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                "tokenizer_3", "image_encoder",
                 "feature_extractor", "safety_checker"):
         if opt in params and opt not in kwargs:
             kwargs[opt] = None

@@ -25,7 +25,7 @@ from . import gate as gates
 from .models import ModelRef, check_renderable, complete, native_size, parse_artifact
 from .prompts import Prompt, load_prompts
 from .renderer import RenderCache, Run, render_model
-from .settings import RenderSettings, settings_for
+from .settings import RenderSettings, for_model, model_facts, settings_for
 
 
 class GateFailed(ConvkitError, AssertionError):
@@ -125,6 +125,10 @@ class VerifyPlan:
     differ: ModelRef | None
     overrides: dict
     report_dir: Path | None
+    artifact_settings: dict = field(default_factory=dict)   # ModelRef -> its own settings
+
+    def settings_of(self, m: ModelRef) -> RenderSettings:
+        return self.artifact_settings.get(m, self.settings)
 
     def kinds(self) -> list[tuple[ModelRef, gates.Thresholds]]:
         _, ref_dtype = _storage(self.reference.path)
@@ -142,7 +146,8 @@ class VerifyPlan:
                 "prompts": [p.to_dict() for p in self.prompts],
                 "artifacts": [{"artifact": str(m.path), "name": m.name, "kind": th.kind,
                                "base": str(m.base) if m.base else None,
-                               "lora_weight": m.lora_weight, "thresholds": th.to_dict()}
+                               "lora_weight": m.lora_weight, "thresholds": th.to_dict(),
+                               "settings": self.settings_of(m).to_dict()}
                               for m, th in self.kinds()],
                 "must_differ_from": str(self.differ.path) if self.differ else None,
                 "renders": renders,
@@ -154,11 +159,14 @@ class VerifyPlan:
                  f"(and at seed + 1 for the seed floor)",
                  f"artifacts: {self.settings.label()}; prompts: "
                  + ", ".join(f"{p.name} ({p.seed})" for p in self.prompts)]
-        for a in d["artifacts"]:
+        for (m, _), a in zip(self.kinds(), d["artifacts"]):
             th = a["thresholds"]
+            own = self.settings_of(m)
             lines.append(f"  {a['name']}: kind {a['kind']} (PSNR >= {th['psnr']:g} dB, SSIM >= "
                          f"{th['ssim']:g}; means >= {th['mean_psnr']:g} dB, "
-                         f"{th['mean_ssim']:g})")
+                         f"{th['mean_ssim']:g})"
+                         + (f"; as its metadata says: {own.label()}" if own != self.settings
+                            else ""))
         if self.differ:
             lines.append(f"  must differ from {self.differ.path}")
         lines.append(f"{d['renders']} renders (cached ones are not redone)"
@@ -250,6 +258,20 @@ def verify(artifacts, reference, *, base=None, prompts: str | None = None,
                                steps=reference_steps if reference_steps is not None else steps,
                                guidance=reference_guidance if reference_guidance is not None
                                else guidance, size=size, prediction=prediction, device=device)
+    # a model whose metadata says how it is sampled (an LCM merge: lcm; the 1-step Lightning
+    # model: prediction type sample) renders that way unless the command line says otherwise
+    own: dict[ModelRef, RenderSettings] = {}
+    if settings and ref_settings:
+        for m in arts + ([differ] if differ else []):
+            facts = attempt(model_facts, m)
+            if facts is not None:
+                own[m] = attempt(for_model, settings, facts, sampler_given=bool(sampler)) \
+                    or settings
+        facts = attempt(model_facts, ref)
+        if facts is not None:
+            ref_settings = attempt(for_model, ref_settings, facts,
+                                   sampler_given=bool(reference_sampler or sampler)) \
+                or ref_settings
     writer = attempt(ReportWriter, report_dir) if report_dir else None
     # names shown in reports must tell artifacts apart
     seen: Counter = Counter()
@@ -258,6 +280,8 @@ def verify(artifacts, reference, *, base=None, prompts: str | None = None,
         if seen[m.name] > 1:
             arts[i] = ModelRef(m.path, m.base, m.lora_weight, m.config_from,
                                label=f"{m.name}#{seen[m.name]}")
+            if m in own:
+                own[arts[i]] = own[m]
     if problems:
         if writer:
             writer.discard()
@@ -269,7 +293,7 @@ def verify(artifacts, reference, *, base=None, prompts: str | None = None,
         if writer:
             writer.discard()
         return VerifyPlan(ref, ref_settings, settings, prompt_list, arts, differ, overrides,
-                          Path(report_dir) if report_dir else None)
+                          Path(report_dir) if report_dir else None, own)
     offset = int(gates.gates_data()["seed"]["seed_offset"])
     jobs = [(p, p.seed) for p in prompt_list]
     other_jobs = [(p, (p.seed + offset) % (2**63)) for p in prompt_list]
@@ -281,9 +305,9 @@ def verify(artifacts, reference, *, base=None, prompts: str | None = None,
             ref_run = render_model(ref, ref_settings, jobs, cache=rc, workdir=work, bar=bar)
             other_run = render_model(ref, ref_settings, other_jobs, cache=rc, workdir=work,
                                      bar=bar)
-            differ_run = (render_model(differ, settings, jobs, cache=rc, workdir=work, bar=bar)
-                          if differ else None)
-            runs = [render_model(m, settings, jobs, cache=rc, workdir=work, bar=bar)
+            differ_run = (render_model(differ, own.get(differ, settings), jobs, cache=rc,
+                                       workdir=work, bar=bar) if differ else None)
+            runs = [render_model(m, own.get(m, settings), jobs, cache=rc, workdir=work, bar=bar)
                     for m in arts]
     except BaseException:
         if writer:

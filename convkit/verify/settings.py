@@ -2,21 +2,24 @@
 
 Presets and each architecture's defaults are data (``formats/verify/render.toml``); a setting
 the user does not give comes from there, the size from the model's native size when that is
-smaller (the demo model draws at 64 px).
+smaller (the demo model draws at 64 px). A model whose metadata states how it is sampled
+(``convkit.sampler``, ``convkit.prediction`` / ``modelspec.prediction_type``:
+:mod:`convkit.sampling`, ``formats/sampling.toml``) is rendered that way unless the command
+line says otherwise (:func:`for_model`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .. import data
+from .. import data, sampling
 from ..errors import UnknownNameError, UsageError
 
-# what a file's metadata may say about its prediction type -> diffusers' prediction_type
-# (modelspec.prediction_type: Stability AI's ModelSpec; convkit.prediction: convkit's own)
-PREDICTION_KEYS = ("convkit.prediction", "modelspec.prediction_type")
-PREDICTION_NAMES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction",
-                    "v_prediction": "v_prediction", "sample": "sample", "x0": "sample",
-                    "flow": None}
+# what a file's metadata may say about its prediction type (formats/sampling.toml: convkit's
+# own key, then Stability AI's ModelSpec)
+PREDICTION_KEYS = tuple(sampling._data()["prediction"]["keys"])
+# --prediction: diffusers' prediction_type names and their other spellings; flow = the
+# flow-matching models' own (nothing to override)
+PREDICTION_NAMES = {**sampling.prediction_spellings(), "flow": None}
 
 
 def render_data() -> dict:
@@ -97,11 +100,27 @@ def settings_for(arch: str, native_size: int | None, *, sampler=None, steps=None
 
 
 def prediction_from_metadata(meta: dict[str, str]) -> str | None:
-    for k in PREDICTION_KEYS:
-        v = meta.get(k)
-        if v and v.lower() in PREDICTION_NAMES:
-            return PREDICTION_NAMES[v.lower()]
-    return None
+    return sampling.from_metadata(meta).prediction
+
+
+def model_facts(ref) -> sampling.Facts:
+    """How a verify input (:class:`convkit.verify.models.ModelRef`) says it is sampled: its
+    own metadata, over its base's; a LoRA by what convkit recorded in it (a kohya LoRA's
+    ``modelspec.prediction_type`` describes its training), over its base's, as its merge
+    says (merge-lora)."""
+    own = sampling.of_path(ref.path, own_only=ref.is_lora)
+    return own.over(sampling.of_path(ref.base)) if ref.base else own
+
+
+def for_model(s: RenderSettings, facts: sampling.Facts, *, sampler_given: bool
+              ) -> RenderSettings:
+    """The settings a model renders with: the sampler and prediction type its metadata states
+    (``facts``) unless the command line gave them (``--sampler``, ``--prediction`` win)."""
+    if facts.sampler and not sampler_given and facts.sampler != s.sampler:
+        if facts.sampler not in samplers():
+            raise UnknownNameError("sampler", facts.sampler, tuple(samplers()))
+        s = replace(s, sampler=facts.sampler)
+    return with_prediction(s, facts.prediction)
 
 
 def with_prediction(s: RenderSettings, pred: str | None) -> RenderSettings:
