@@ -77,7 +77,7 @@ class Facts:
     def __bool__(self) -> bool:
         return bool(self.prediction or self.sampler)
 
-    def over(self, other: "Facts") -> "Facts":
+    def over(self, other: Facts) -> Facts:
         """These facts, each missing one taken from ``other``."""
         return Facts(self.prediction or other.prediction, self.sampler or other.sampler)
 
@@ -123,8 +123,9 @@ def of_path(path, *, own_only: bool = False) -> Facts:
 
 # -- what the user states for the outputs written in a context ------------------------------
 
+_NOTHING = Facts()      # frozen: an immutable default
 _STATED: contextvars.ContextVar[Facts] = contextvars.ContextVar("convkit_sampling",
-                                                                default=Facts())
+                                                                default=_NOTHING)
 
 
 @contextlib.contextmanager
