@@ -5,11 +5,10 @@ full-size checkpoints and on tiny test models of the same structure alike.
 """
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .data import list_files, load_toml
+from .data import list_files, load_toml, per_formats
 from .errors import InputFormatError, UnknownArchitectureError, UnknownNameError
 from .sources.base import TensorSource
 
@@ -104,7 +103,7 @@ def _model_index(d: dict, filename: str) -> dict:
     return {"flags": dict(flags), "absent": list(absent), "released": d.get("released", "")}
 
 
-@functools.cache
+@per_formats
 def load_all() -> dict[str, Arch]:
     """Every architecture data file in formats/ (``formats/<arch>.toml``; other top-level
     TOML files, e.g. storage.toml, have no ``components`` table and are not architectures)."""

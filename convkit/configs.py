@@ -244,9 +244,39 @@ def _vae(arch: str, cfg: dict, s: Shapes, context: dict) -> dict:
     return cfg
 
 
+def _sd3_transformer(arch: str, cfg: dict, s: Shapes, context: dict) -> dict:
+    """SD3Transformer2DModel: depth, widths, dual attention and q/k norms from the shapes (as
+    diffusers' own single-file converter and ComfyUI's model_detection.py read them)."""
+    blocks = _indices(s, r"transformer_blocks\.(\d+)\.")
+    proj = s["pos_embed.proj.weight"]                       # [hidden, in, patch, patch]
+    hidden = proj[0]
+    hw = int(_rules()["mmdit_heads"]["head_width"])
+    if hidden % hw:
+        raise InputFormatError(f"hidden size {hidden} is not a multiple of the {hw}-wide heads")
+    cfg.update(num_layers=len(blocks), in_channels=proj[1], patch_size=proj[2],
+               attention_head_dim=hw, num_attention_heads=hidden // hw,
+               caption_projection_dim=hidden, joint_attention_dim=s["context_embedder.weight"][1],
+               pooled_projection_dim=s["time_text_embed.text_embedder.linear_1.weight"][1],
+               out_channels=s["proj_out.weight"][0] // (proj[2] * proj[3]))
+    pos = s.get("pos_embed.pos_embed")
+    if pos is not None:
+        side = int(round(pos[1] ** 0.5))
+        if side * side != pos[1]:
+            raise InputFormatError(f"pos_embed holds {pos[1]} positions, not a square grid")
+        cfg["pos_embed_max_size"] = side
+    dual = _indices(s, r"transformer_blocks\.(\d+)\.attn2\.")
+    if dual:
+        cfg["dual_attention_layers"] = dual
+    else:
+        cfg.pop("dual_attention_layers", None)
+    cfg["qk_norm"] = "rms_norm" if "transformer_blocks.0.attn.norm_q.weight" in s else None
+    return cfg
+
+
 _INFER = {
     "UNet2DConditionModel": _unet,
     "CLIPTextModel": _clip_text,
     "CLIPTextModelWithProjection": _clip_text,
     "AutoencoderKL": _vae,
+    "SD3Transformer2DModel": _sd3_transformer,
 }

@@ -28,6 +28,19 @@ def _formats_dir(env: str) -> Path:
     return Path(str(resources.files("convkit.formats")))
 
 
+def per_formats(fn):
+    """``functools.cache`` for a function of formats/ data: one cache per formats folder, so a
+    ``CONVKIT_FORMATS_DIR`` set later (a test, a tool trying a new architecture) is seen."""
+    cached = functools.lru_cache(maxsize=None)(lambda root, *a, **k: fn(*a, **k))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return cached(str(formats_dir()), *args, **kwargs)
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
 def path(rel: str) -> Path:
     return formats_dir() / rel
 

@@ -78,7 +78,7 @@ def run_demo(out_dir, arch: str = "sdxl", echo: Callable[[str], None] | None = N
         report["steps"].append({"step": name, **kw})
 
     model = tiny.build(arch, seed=0)
-    layout = "sgm" if not arch.startswith("flux") else "comfy"
+    layout = archs.get(arch).single_file_layout
     single = out / f"tiny-{arch}-fp32.safetensors"
     tiny.save_single_file(model, single, dtype=torch.float32, layout=layout)
     folder = out / f"tiny-{arch}-diffusers"

@@ -13,10 +13,6 @@ from convkit.convert import convert
 from convkit.inspection import inspect
 from convkit.sources import open_source
 
-SINGLE_LAYOUT = {"sd15": "sgm", "sdxl": "sgm", "sdxl_refiner": "sgm",
-                 "flux_dev": "comfy", "flux_schnell": "comfy"}
-
-
 @pytest.fixture(scope="session")
 def models():
     return {a: tiny.build(a, seed=0) for a in tiny.ARCHS}
@@ -30,8 +26,11 @@ def sdxl_files(tmp_path_factory, models):
     return single, folder
 
 
-def _single_layout_name(arch):
-    return "sgm" if not arch.startswith("flux") else "sgm"  # tiny's name for the full single file
+def _one_component_layout(a, naming_is_diffusers: bool) -> str:
+    """The architecture's layout holding its diffusion model alone, without prefix."""
+    diff = a.diffusion_component
+    return next(x.name for x in a.layouts if not x.folder and x.prefixes == {diff: ""}
+                and (x.naming == "diffusers") == naming_is_diffusers)
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
@@ -39,25 +38,27 @@ def test_detect_every_layout(arch, models, tmp_path):
     m = models[arch]
     a = archs.get(arch)
     diff = a.diffusion_component
-    full = tiny.state_dict_single_file(m, _single_layout_name(arch))
-    cases = {SINGLE_LAYOUT[arch]: full}
-    prefix = a.layout(SINGLE_LAYOUT[arch]).prefixes[diff]
+    full = tiny.state_dict_single_file(m)
+    cases = {a.single_file_layout: full}
+    prefix = a.layout(a.single_file_layout).prefixes[diff]
     bare = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-    cases["bfl" if arch.startswith("flux") else "sgm-unet"] = bare
-    cases["diffusers-transformer" if arch.startswith("flux") else "diffusers-unet"] = \
-        m.state_dicts()[diff]
+    cases[_one_component_layout(a, False)] = bare
+    cases[_one_component_layout(a, True)] = m.state_dicts()[diff]
+    stem = tmp_path / ("sd3.5_large_turbo" if a.variant_of else "x")   # a variant by its name
     for layout, sd in cases.items():
-        p = tmp_path / f"{layout}.safetensors"
+        p = tmp_path / f"{stem.name}-{layout}.safetensors"
         st.save_file({k: v.contiguous() for k, v in sd.items()}, p)
         with open_source(p) as src:
             det = archs.detect(src)
             assert (det.arch.name, det.layout.name) == (arch, layout)
             matches, _ = archs.candidates(src)
-            assert {m[1].name for m in matches} == {arch}  # unambiguous
+            # unambiguous (a variant's base matches the same weights; the hint decides)
+            variants = {x.name for x in archs.load_all().values() if x.variant_of == arch}
+            assert {m[1].name for m in matches} - {a.variant_of} - variants == {arch}
             assert not det.unexpected, det.unexpected[:5]
             expected_comps = set(a.layout(layout).prefixes)
             assert set(det.component_keys) == expected_comps
-    folder = tiny.save_diffusers(m, tmp_path / "folder")
+    folder = tiny.save_diffusers(m, tmp_path / f"{stem.name}-folder")
     with open_source(folder) as src:
         det = archs.detect(src)
         assert (det.arch.name, det.layout.name) == (arch, "diffusers")

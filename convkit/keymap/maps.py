@@ -7,13 +7,14 @@ from typing import Iterable, Mapping
 
 import torch
 
+from ..data import per_formats
 from ._data import load_config, load_toml
 from ._engine import KeyMap, KeyMapError, PatternMap, PrefixMap
 from .unet import UNetStructure, unet_map
 from .vae import VAEStructure, vae_map
 
 
-@functools.cache
+@per_formats
 def _index() -> dict[str, dict]:
     """formats/keymaps/index.toml: kind -> engine, data file, flags."""
     return load_toml("index")["kinds"]
