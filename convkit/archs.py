@@ -206,6 +206,10 @@ def candidates(src: TensorSource) -> tuple[list, list]:
     return matches, near
 
 
+#: metadata key naming a variant architecture (convkit writes it; formats/<arch>.toml hints read it)
+VARIANT_KEY = "convkit.arch"
+
+
 def variant_hinted(arch: Arch, src: TensorSource) -> bool:
     """The file says it is this variant: a metadata value or a word of its file name."""
     h = arch.variant_hint
@@ -226,6 +230,11 @@ def detect(src: TensorSource) -> Detection:
     hinted = [m for m in matches if m[1].variant_of and variant_hinted(m[1], src)]
     if hinted:
         matches = hinted
+        meta = getattr(src, "metadata", None)
+        if isinstance(meta, dict):
+            # what the file's name said becomes metadata, which every output carries: a renamed
+            # or converted file stays the variant (formats/<arch>.toml [variant_hint])
+            meta.setdefault(VARIANT_KEY, hinted[0][1].name)
     else:
         matches = [m for m in matches if not m[1].variant_of]
     if matches:

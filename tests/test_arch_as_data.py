@@ -94,3 +94,35 @@ def test_an_architecture_is_its_data_files(tmp_path, monkeypatch):
     after = _probe(path, tmp_path / "o2")
     assert arch in after["known"] and after["detected"] == arch
     assert after["round_trip"] is True
+
+
+def test_every_architecture_has_all_its_data():
+    """What a new architecture must bring, listed for each one formats/ knows (so a missing
+    piece fails here, not in a user's command)."""
+    from convkit.quantize.rules import rules_for
+    from convkit.verify.settings import render_data
+
+    card = data.load_toml("publish/card.toml")["architectures"]
+    render = render_data()["archs"]
+    problems = []
+    for name, a in archs.load_all().items():
+        for comp in a.components:
+            if not (data.formats_dir() / "configs" / name / f"{comp}.json").is_file():
+                problems.append(f"{name}: no formats/configs/{name}/{comp}.json")
+        if not (data.formats_dir() / "configs" / name / "scheduler.json").is_file():
+            problems.append(f"{name}: no scheduler config")
+        if name not in tiny.ARCHS:
+            problems.append(f"{name}: no tiny config")
+        for table, what in ((card, "publish/card.toml"), (render, "verify/render.toml")):
+            if name not in table:
+                problems.append(f"{name}: not in formats/{what}")
+        try:
+            rules_for(name)
+        except Exception as e:   # noqa: BLE001 - the message names what is missing
+            problems.append(f"{name}: {e}")
+        if a.variant_of and a.variant_of not in archs.load_all():
+            problems.append(f"{name}: variant of unknown {a.variant_of}")
+        kinds = set(keymap.kinds())
+        problems += [f"{name}/{c.name}: unknown key map kind {c.keymap}"
+                     for c in a.components.values() if c.keymap not in kinds]
+    assert not problems, "\n".join(problems)

@@ -58,6 +58,11 @@ def test_large_turbo_is_told_by_metadata_or_name(files, tmp_path):
     meta = tiny.save_state_dict(sd, tmp_path / "x.safetensors", {"convkit.arch": "sd35_large_turbo"})
     assert _detect(meta) == ("sd35_large_turbo", "sd3")
     assert _detect(single) == ("sd35_large", "sd3")           # no hint: the base model
+    # the name's hint becomes metadata every output carries: converted and renamed, still Turbo
+    from convkit.convert import convert
+
+    convert(named, tmp_path / "out.safetensors", "fp16")
+    assert _detect(tmp_path / "out.safetensors") == ("sd35_large_turbo", "sd3")
 
 
 def test_file_without_text_encoders(files, tmp_path):
