@@ -2,12 +2,14 @@
 
 Names are translated through the module table of the LoRA's architecture (the released model's
 names, or those of ``base`` when given). Renames are exact; fusing q/k/v LoRAs into one
-single-file LoRA stacks them (exact, rank adds up); splitting a fused LoRA copies its down
-factor (exact). The PEFT format folds alpha/rank into lora_B (same product) and cannot hold
+single-file LoRA stacks them (exact, rank adds up), or, when they share one down factor (a
+fused LoRA split into its parts: kohya SD3/Flux qkv written as diffusers to_q/to_k/to_v),
+concatenates their up factors (exact, rank kept: kohya -> diffusers -> kohya gives the input's
+tensors back); splitting a fused LoRA copies its down factor (exact). The PEFT format folds alpha/rank into lora_B (same product) and cannot hold
 LoHa/LoKr/Tucker/full modules or input-axis DoRA scales: those are refused, never dropped.
 
-It runs on the engine (:mod:`convkit.engine`): the plan is made from the LoRA's header alone
-(names and shapes; ``dry_run`` stops there), then each output module (or group of modules that
+It runs on the engine (:mod:`convkit.engine`): the plan is made from the LoRA's header (names and
+shapes) and the down factors of parts that may be joined (see above; ``dry_run`` stops there), then each output module (or group of modules that
 are stacked or split together) is one item that reads its input tensors through the
 logical-weights view and writes the renamed ones. The output keeps the input's ``ss_*`` and
 ``modelspec.*`` metadata and gets convkit's provenance (the steps of the input, this one added).
@@ -31,7 +33,7 @@ from ..sources import open_source
 from .formats import LoraFile, match, read_lora, validate
 from .merge import UnmatchedLoraError, guess_arch
 from .table import ModuleTable, table_for_arch, table_for_source
-from .write import OutModule, Piece, get_format, relabel, write_lora
+from .write import OutModule, Piece, get_format, relabel, shared_down, write_lora
 
 KEPT_METADATA = ("ss_", "modelspec.")     # the LoRA's own metadata that a converted file keeps
 
@@ -104,13 +106,14 @@ class _Maker:
     """Builds one group's output modules from the tensors its item read."""
 
     def __init__(self, group: list[tuple[OutModule, dict[str, str]]], index: dict[str, int],
-                 table: ModuleTable, fmt: str):
+                 table: ModuleTable, fmt: str, shared: frozenset = frozenset()):
         self.group, self.index, self.table, self.fmt = group, index, table, fmt
+        self.shared = shared
 
     def __call__(self, xs: list) -> list[OutModule]:
         ms = [OutModule(m.unit, m.algo, {r: xs[self.index[k]] for r, k in roles.items()},
                         m.alpha) for m, roles in self.group]
-        return relabel(ms, self.table, self.fmt)[0]
+        return relabel(ms, self.table, self.fmt, self.shared)[0]
 
 
 def _label(origin: tuple[int, ...], outs: list[OutModule], mods: list[OutModule],
@@ -140,7 +143,8 @@ def convert_lora(input: str | os.PathLike, output: str | os.PathLike, fmt: str, 
         table = lora_table(lf, arch, base)
         mods, keys = out_modules(lf, table)
         algos = Counter(m.algo for m in mods)
-        relabeled, notes = relabel(mods, table, fmt)
+        shared = shared_down(mods, table, fmt, lambda i: lf.source.load(keys[i]["down"]))
+        relabeled, notes = relabel(mods, table, fmt, shared)
         result = ConvertLoraResult(Path(output), table.arch, fmt, len(relabeled), notes)
         if fmt == "peft" and any(m.alpha is not None and m.alpha != m.rank for m in mods
                                  if m.algo == "lora"):
@@ -163,7 +167,7 @@ def convert_lora(input: str | os.PathLike, output: str | os.PathLike, fmt: str, 
                     if k not in index:
                         index[k] = len(srcs)
                         srcs.append(Src(0, k))
-            maker = _Maker([(mods[i], keys[i]) for i in origin], index, table, fmt)
+            maker = _Maker([(mods[i], keys[i]) for i in origin], index, table, fmt, shared)
             pieces.append(Piece(outs, tuple(srcs), maker,
                                 _label(origin, outs, mods, bool(spec.spec.get("fold_alpha")))))
         step = {"op": "convert-lora", "format": fmt, "arch": table.arch}

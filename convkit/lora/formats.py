@@ -95,11 +95,16 @@ def split_key(key: str) -> tuple[str, str, dict] | None:
     return None
 
 
+KEYMAP_REF = "@keymap:"      # a component named by its key map kind (keys.toml ``keymap = KIND``)
+
+
 def split_ref(ref: str) -> tuple[str | None, str, str]:
-    """``(component or "@diffusion" or None, module path, style)`` of a module reference."""
+    """``(component, module path, style)`` of a module reference. The component is a name, or
+    "@diffusion", or "@keymap:KIND" (resolved against a model table), or None."""
     for pre, info in prefixes():
         if ref.startswith(pre):
-            return info["component"], ref[len(pre):], info["style"]
+            comp = info.get("component") or KEYMAP_REF + info["keymap"]
+            return comp, ref[len(pre):], info["style"]
     return None, ref, "dotted"
 
 
@@ -216,9 +221,19 @@ def nonfinite_keys(lf: LoraFile) -> list[str]:
 
 
 def resolve_component(ad: Adapter, table: ModuleTable) -> str | None:
-    if ad.component == "@diffusion":
-        return table.diffusion
-    return ad.component
+    return component_in(ad.component, table.diffusion, table.kinds)
+
+
+def component_in(ref: str | None, diffusion: str, kinds: dict[str, str]) -> str | None:
+    """The component a prefix's ``ref`` names in a model whose diffusion component is
+    ``diffusion`` and whose components have key map kinds ``kinds`` (a keymap ref that no
+    component has stays as it is: it matches no component)."""
+    if ref == "@diffusion":
+        return diffusion
+    if ref and ref.startswith(KEYMAP_REF):
+        kind = ref[len(KEYMAP_REF):]
+        return next((c for c, k in kinds.items() if k == kind), ref)
+    return ref
 
 
 def match(ad: Adapter, table: ModuleTable) -> Unit | None:

@@ -28,6 +28,8 @@ from .rows import MergeOp
 from .table import ModuleTable, Unit, table_for_source
 
 SANE_WEIGHT = 2.0
+# key map transforms that only reorder a tensor's output rows (applied to a LoRA's up factor)
+_ROW_ORDER = (None, "swap_halves")
 
 
 class UnmatchedLoraError(ConvkitError, KeyError):
@@ -159,11 +161,12 @@ def collect_patches(table: ModuleTable, loras: list[tuple[LoraSpec, LoraFile]],
                              f"(scale 1) was used")
         rep.unmatched = unmatched
         if shape_bad or (unmatched and not allow_unmatched) or rep.modules == 0:
-            guess = guess_arch(lf, exclude=table.arch)
-            if guess and (shape_bad or len(unmatched) > rep.modules):
+            names, n = arch_candidates(lf, exclude=table.arch)
+            if names and (shape_bad or len(unmatched) > rep.modules):
                 problems.append(UsageError(
-                    f"this LoRA is for {guess[0]} ({guess[1]} of {len(lf.adapters)} modules "
-                    f"match its names), the base is {table.arch}", path=spec.path,
+                    f"this LoRA is for {' or '.join(names)} ({n} of {len(lf.adapters)} modules "
+                    f"match {'its' if len(names) == 1 else 'their'} names), the base is "
+                    f"{table.arch}", path=spec.path,
                     hint="use a LoRA made for the base's architecture"))
                 reports.append(rep)
                 continue
@@ -186,13 +189,26 @@ def collect_patches(table: ModuleTable, loras: list[tuple[LoraSpec, LoraFile]],
 
 
 def guess_arch(lf: LoraFile, exclude: str) -> tuple[str, int] | None:
-    """The architecture whose module names match most adapters (names only)."""
+    """The architecture whose module names match most adapters (the first of
+    :func:`arch_candidates`) and how many match, or None."""
+    names, n = arch_candidates(lf, exclude)
+    return (names[0], n) if names else None
+
+
+def arch_candidates(lf: LoraFile, exclude: str) -> tuple[list[str], int]:
+    """The architectures (not ``exclude``) whose module names match most adapters, and how
+    many. A tie on names (SD3 medium / SD3.5 medium / SD3.5 large share their module names up
+    to the depth) is broken by how many adapters fit the released model's weight shapes. A
+    variant (``variant_of``: sd35_large_turbo) is not looked at unless its base is
+    ``exclude``: it has its base's names and shapes."""
     from .table import table_for_arch
 
-    best = None
-    for name in archs.load_all():
-        if name == exclude:
-            continue
+    counts: dict[str, int] = {}
+    tables = {}
+    every = archs.load_all()
+    for name, spec in every.items():
+        if name == exclude or spec.variant_of in every and spec.variant_of != exclude:
+            continue            # a variant matches what its base matches
         try:
             t = table_for_arch(name)
         except Exception:  # pragma: no cover - a broken arch file must not hide the real error
@@ -205,9 +221,29 @@ def guess_arch(lf: LoraFile, exclude: str) -> tuple[str, int] | None:
             except ConvkitError:
                 pass
             ad.unit = saved
-        if n and (best is None or n > best[1]):
-            best = (name, n)
-    return best
+        if n:
+            counts[name], tables[name] = n, t
+    if not counts:
+        return [], 0
+    best = max(counts.values())
+    tied = [a for a, n in counts.items() if n == best]
+    if len(tied) > 1:
+        fits = {a: _shape_fits(lf, tables[a]) for a in tied}
+        tied = [a for a in tied if fits[a] == max(fits.values())]
+    return tied, best
+
+
+def _shape_fits(lf: LoraFile, table: ModuleTable) -> int:
+    n = 0
+    for ad in lf.adapters:
+        saved = ad.unit
+        try:
+            u = match(ad, table)
+            n += u is not None and check_shape(ad, lf, u) is None
+        except ConvkitError:
+            pass
+        ad.unit = saved
+    return n
 
 
 # ----------------------------------------------------------------- streaming application
@@ -249,6 +285,23 @@ def apply_patch(table: ModuleTable, p: Patch, key: str, w: torch.Tensor, src) ->
             tgt = w[loc.rows[0]:loc.rows[1]] if loc.rows else w
             rows = slice(offsets[i], offsets[i + 1]) if len(locs) > 1 else None
             add_lowrank_(tgt.view(tgt.shape[0], -1), lr, s, rows)
+        return
+    if p.ad.is_fused_lora and not p.ad.dora and unit.transform in _ROW_ORDER \
+            and all(locs[i].transform in _ROW_ORDER + ("conv1x1",) for i in mine):
+        # halves swapped (SD3/Flux adaLN scale/shift): a reordering of output rows, done on
+        # the up factor; the product is then the fast path's, on the rows in the base's order,
+        # so a LoRA gives the same bits whichever naming it was written in
+        up, down = p.lf.load(p.ad, "up"), p.lf.load(p.ad, "down")
+        if unit.space == "single":
+            up = A.to_diffusers(unit.transform, up)
+        s = p.ad.scale(p.lf.source) * p.strength
+        for i in mine:
+            loc = locs[i]
+            tgt = w[loc.rows[0]:loc.rows[1]] if loc.rows else w
+            u = up[offsets[i]:offsets[i + 1]] if len(locs) > 1 else up
+            if loc.transform in _ROW_ORDER:
+                u = A.to_base(loc.transform, u)
+            add_lowrank_(tgt.view(tgt.shape[0], -1), LowRank(u, down), s)
         return
     if p.ad.dora:
         wu = _unit_weight(table, unit, key, w, src)

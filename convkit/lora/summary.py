@@ -24,7 +24,7 @@ from .. import archs
 from ..errors import ConvkitError, InputFormatError
 from ..sources.base import TensorSource
 from .data import keys_data
-from .formats import ALGOS, Adapter, LoraFile, check_shape, match, read_lora
+from .formats import ALGOS, Adapter, LoraFile, check_shape, component_in, match, read_lora
 from .table import ModuleTable, Unit, table_for_arch
 
 NOT_A_LORA = "no LoRA/LyCORIS tensors found"    # read_lora's message for a checkpoint
@@ -241,9 +241,10 @@ def _summarize(lf: LoraFile) -> dict:
     def component(ad: Adapter, u: Unit | None) -> str:
         if u is not None:
             return u.component
-        if ad.component == "@diffusion":
-            return spec.diffusion_component if spec else "diffusion model"
-        return ad.component or "unknown"
+        if spec is None:
+            return component_in(ad.component, "diffusion model", {}) or "unknown"  # "@keymap:t5"
+        return component_in(ad.component, spec.diffusion_component,
+                            {c.name: c.keymap for c in spec.components.values()}) or "unknown"
 
     comps = [component(ad, u) for ad, u in zip(ads, units)]
     per_component = dict(Counter(comps))

@@ -281,12 +281,23 @@ def table_for_source(src: TensorSource, det: archs.Detection | None = None) -> M
 
 @functools.lru_cache(maxsize=None)
 def table_for_arch(arch: str) -> ModuleTable:
-    """Table of the released full-size model (names and shapes only, nothing loaded)."""
-    from ..tiny.full_size import full_size_shapes
-
+    """Table of the released full-size model (names and shapes only, nothing loaded). Each
+    component's shapes are made when the component is first asked for (a UNet-only LoRA
+    never instantiates the text encoders, even on the meta device: that is most of the time
+    of guessing a LoRA's architecture among all of them)."""
     comps = keymap.components(arch)
-    return build_table(arch, "sgm", {c: p for c, (_, p) in comps.items()},
-                       full_size_shapes(arch))
+    table = ModuleTable(arch, "sgm", {c: k for c, (k, _) in comps.items()})
+    table._order = list(comps)
+    for c, (_, pre) in comps.items():
+        table._pending[c] = functools.partial(_build_full_size, table, c, pre)
+    return table
+
+
+def _build_full_size(table: ModuleTable, comp: str, pre: str) -> None:
+    from ..tiny.full_size import full_size_component_shapes
+
+    shapes = {pre + k: s for k, s in full_size_component_shapes(table.arch, comp).items()}
+    _build_component(table, comp, list(shapes), pre, shapes)
 
 
 def numel(shape) -> int:

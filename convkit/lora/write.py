@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes, registry
+from .. import archs, dtypes, registry
 from ..casts import CastContext, cast_into
 from ..engine import Item, Out, OutFile, Plan, RunStats, Src, execute
 from ..engine.ops import Op, as_bytes
@@ -71,6 +71,9 @@ class LoraFormat:
 
     def naming(self, arch: str, component: str) -> tuple[str, str, str]:
         names = self.spec["names"].get(arch)
+        if names is None:           # a variant (sd35_large_turbo) writes its base's names
+            base = archs.get(arch).variant_of if arch in archs.load_all() else ""
+            names = self.spec["names"].get(base) if base else None
         if not names or component not in names:
             raise UsageError(f"the {self.name} format has no names for {arch} {component}")
         return tuple(names[component])
@@ -118,11 +121,38 @@ def _single_unit_of(table: ModuleTable, unit: Unit) -> Unit | None:
     return None
 
 
-def relabel(mods: list[OutModule], table: ModuleTable, fmt: str) -> tuple[list[OutModule], list[str]]:
+def shared_down(mods: list[OutModule], table: ModuleTable, fmt: str,
+                load_down: Callable[[int], torch.Tensor]) -> frozenset[tuple[str, str]]:
+    """The fused single-file modules ``(component, name)`` (SD3/Flux ``qkv``, ...) that
+    ``fmt`` names and whose parts ``mods`` all carry as plain LoRAs with one and the same down
+    factor, as a fused LoRA split into its parts has: :func:`relabel` joins those by
+    concatenating the up factors (rank unchanged) instead of stacking them. ``load_down(i)``
+    gives the down factor of ``mods[i]`` (read here: LoRA factors are small)."""
+    groups: dict[tuple[str, str], tuple[Unit, dict[str, int]]] = {}
+    for i, m in enumerate(mods):
+        if m.unit.space != "diffusers" or m.algo != "lora" or set(m.tensors) != {"up", "down"} \
+                or naming(fmt, table.arch, m.unit.component)[1] != "single":
+            continue
+        su = _single_unit_of(table, m.unit)
+        if su is not None and len(su.parts) > 1:
+            groups.setdefault((su.component, su.name), (su, {}))[1][m.unit.parts[0]] = i
+    out = set()
+    for key, (su, idx) in groups.items():
+        if set(idx) != set(su.parts) or len({mods[i].tensors["down"].shape for i in idx.values()}) > 1:
+            continue
+        downs = [load_down(i) for i in idx.values()]
+        if all(torch.equal(d, downs[0]) for d in downs[1:]):
+            out.add(key)
+    return frozenset(out)
+
+
+def relabel(mods: list[OutModule], table: ModuleTable, fmt: str,
+            shared: frozenset[tuple[str, str]] = frozenset()) -> tuple[list[OutModule], list[str]]:
     """Modules named as ``fmt`` wants (single-file or diffusers module names); notes on changes.
 
     Each output's ``origin`` holds the indices (in ``mods``) of the modules it was made from:
-    one for a rename or a split, several for q/k/v LoRAs stacked into one."""
+    one for a rename or a split, several for q/k/v LoRAs stacked into one (or joined, for the
+    fused modules in ``shared``, see :func:`shared_down`)."""
     out: list[OutModule] = []
     notes: list[str] = []
     pending: dict[int, tuple[Unit, dict[str, tuple[int, OutModule]]]] = {}
@@ -141,7 +171,8 @@ def relabel(mods: list[OutModule], table: ModuleTable, fmt: str) -> tuple[list[O
             else:
                 pending.setdefault(id(su), (su, {}))[1][m.unit.parts[0]] = (i, m)
     for su, got in pending.values():
-        fused = _fuse(su, {p: m for p, (_, m) in got.items()}, notes)
+        fused = _fuse(su, {p: m for p, (_, m) in got.items()}, notes,
+                      (su.component, su.name) in shared)
         fused.origin = tuple(sorted(i for i, _ in got.values()))
         out.append(fused)
     return out, notes
@@ -187,11 +218,24 @@ def _moved(m: OutModule, transform: str | None, to_single: bool) -> dict[str, to
     return t
 
 
-def _fuse(su: Unit, got: dict[str, OutModule], notes: list[str]) -> OutModule:
-    """Stack per-part LoRAs into one LoRA of the fused tensor: exact, rank = sum of ranks."""
+def _fuse(su: Unit, got: dict[str, OutModule], notes: list[str],
+          shared: bool = False) -> OutModule:
+    """Stack per-part LoRAs into one LoRA of the fused tensor: exact, rank = sum of ranks.
+    With ``shared`` (every part present, one down factor) the up factors are concatenated
+    instead: exact, the rank stays (the inverse of splitting a fused LoRA)."""
     if any(m.algo != "lora" or "mid" in m.tensors or "dora" in m.tensors or "magnitude" in m.tensors
            for m in got.values()):
         raise UsageError(f"cannot fuse non-LoRA modules into '{su.name}'")
+    if shared:
+        ms = [got[p] for p in su.parts]
+        if len({m.alpha for m in ms}) == 1:        # same scale: the factors as they are
+            ups, alpha = [m.tensors["up"] for m in ms], ms[0].alpha
+        else:                                      # scales folded into the ups
+            ups, alpha = [m.tensors["up"].float() * m.scale() for m in ms], float(ms[0].rank)
+        notes.append(f"{su.name}: {len(ms)} LoRAs sharing one down factor joined "
+                     f"(rank {ms[0].rank})")
+        return OutModule(su, "lora", {"up": torch.cat(ups, 0), "down": ms[0].tensors["down"]},
+                         alpha)
     ups, downs = [], []
     any_m = next(iter(got.values()))
     in_dim = any_m.tensors["down"].shape[1:]

@@ -47,6 +47,15 @@ def full_size_shapes(arch: str, layout: str | None = None) -> dict[str, tuple[in
     return {k: tuple(v.shape) for k, v in full_size_state_dict(arch, layout).items()}
 
 
+def full_size_component_shapes(arch: str, component: str) -> dict[str, tuple[int, ...]]:
+    """``{single-file name without the component's prefix: shape}`` of one component of the
+    real full-size checkpoint (only that component is instantiated)."""
+    kind, _ = keymap.components(arch)[component]
+    sd = component_state_dict(_meta_component(arch, component))
+    return {k: tuple(v.shape) for k, v in
+            keymap.to_single_file(kind, sd, full_size_config(arch, component)).items()}
+
+
 def full_size_dtypes(arch: str, layout: str | None = None) -> dict[str, torch.dtype]:
     """``{single-file name: torch dtype}``: float32 for weights, int64 for ``position_ids``."""
     return {k: v.dtype for k, v in full_size_state_dict(arch, layout).items()}
