@@ -18,7 +18,10 @@ the loaders are NOT patched: what they log as missing / unexpected / left-over k
 the source is a diffusion-model file; the checks are ComfyUI `load_diffusion_model` (UNETLoader)
 for <stem>-fp8-e4m3fn / -fp8-scaled-sw / -fp8-scaled-cq / -fp16 .safetensors and ComfyUI-GGUF
 `UnetLoaderGGUF` for <stem>-Q8_0 / -Q4_K_S / -sdcpp-Q8_0 .gguf, for the files that exist.  The
-source's key prefix (`model.diffusion_model.` or none) is taken from its keys.
+source's key prefix (`model.diffusion_model.` or none) is taken from its keys.  With `--forward`
+the source and every existing output run one diffusion-model call each (SD3/MMDiT: latent,
+context and pooled `y` sized from the detected config).  The source may be a whole single file
+(SD3: MMDiT + text encoders + VAE): `load_diffusion_model` keeps the diffusion model only.
 """
 from __future__ import annotations
 
@@ -38,33 +41,66 @@ KEY_LOG = re.compile(r"missing|unexpected|left ?over|error|unsupported|compatibi
 
 # --------------------------------------------------------------------------- setup (child)
 
+class _Inert(types.ModuleType):
+    """A module whose every attribute is another inert module; calling one raises."""
+
+    __path__: list = []          # a package: `from stub.sub import X` resolves through _InertFinder
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        m = _Inert(f"{self.__name__}.{name}")
+        sys.modules[m.__name__] = m
+        return m
+
+    def __call__(self, *a, **k):
+        raise RuntimeError(f"stub module: {self.__name__} called (not installed here)")
+
+
+class _InertFinder:
+    """Meta path finder giving an _Inert module for every submodule of the stubbed roots."""
+
+    def __init__(self, roots):
+        self.roots = tuple(roots)
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.machinery
+        if fullname.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return _Inert(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+def _stub_missing(roots):
+    """Put inert stubs in place of the modules in ``roots`` that do not import here."""
+    missing = []
+    for root in roots:
+        try:
+            __import__(root)
+        except Exception:
+            for k in [k for k in sys.modules if k == root or k.startswith(root + ".")]:
+                del sys.modules[k]
+            missing.append(root)
+    if missing:
+        sys.meta_path.insert(0, _InertFinder(missing))
+        for root in missing:
+            sys.modules[root] = _Inert(root)
+    return missing
+
+
 def _stub_torchvision():
-    """ComfyUI imports torchvision at module level only for Stable Cascade / Cosmos / ACE models.
-    If no working torchvision is installed (no CPU wheel here), put an inert stub in its place."""
-    try:
-        import torchvision  # noqa: F401
-        return False
-    except Exception:
-        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[k]
+    """ComfyUI imports torchvision at module level only for Stable Cascade / Cosmos / ACE models,
+    and PyAV (`av`) only for video / audio inputs (comfy_api, imported by `nodes`, which
+    ComfyUI-GGUF imports). If no working torchvision / av is installed (no CPU wheel here), put an
+    inert stub in its place; nothing on the image-model load path calls them."""
     import transformers  # noqa: F401  (decides 'no torchvision' before the stub exists)
     from transformers import CLIPTokenizer  # noqa: F401
-
-    class _Inert(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            m = _Inert(f"{self.__name__}.{name}")
-            sys.modules[m.__name__] = m
-            return m
-
-        def __call__(self, *a, **k):
-            raise RuntimeError(f"torchvision stub: {self.__name__} called")
-
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-                 "torchvision.models"):
-        sys.modules[name] = _Inert(name)
-    return True
+    return _stub_missing(("torchvision", "av")) or False
 
 
 class _Capture(logging.Handler):
@@ -164,11 +200,18 @@ def compare_unet(model_patcher, source: str, dq=None, prefix=None):
 def model_info(mp):
     m = mp.model
     q = next((mod for n, mod in m.diffusion_model.named_modules()
-              if n.endswith("attn1.to_q") or n.endswith("double_blocks.0.img_attn.qkv")), None)
+              if n.endswith("attn1.to_q") or n.endswith("double_blocks.0.img_attn.qkv")
+              or n == "joint_blocks.0.x_block.attn.qkv"), None)
     return {"model_config": type(m.model_config).__name__, "model_class": type(m).__name__,
             "unet_dtype": str(m.get_dtype()) if hasattr(m, "get_dtype") else None,
             "manual_cast": str(getattr(m, "manual_cast_dtype", None)),
-            "ops": None if q is None else type(q).__module__ + "." + type(q).__qualname__}
+            "ops": None if q is None else type(q).__module__ + "." + type(q).__qualname__,
+            # the shape-derived config (SD3/MMDiT: depth from x_embedder, pos_embed grid, qk norm,
+            # dual-attention blocks; detect_unet_config)
+            "unet_config": {k: v for k, v in getattr(m.model_config, "unet_config", {}).items()
+                            if k in ("depth", "num_patches", "pos_embed_max_size", "qk_norm",
+                                     "x_block_self_attn_layers", "adm_in_channels",
+                                     "context_embedder_config", "in_channels", "out_channels")}}
 
 
 def key_logs(cap):
@@ -227,28 +270,42 @@ def check_gguf_unet(a, path):
     return r
 
 
+def _forward_inputs(mp, g):
+    """Inputs of one diffusion-model call: SD UNets a 1x4x8x8 latent and a random 77x768 context;
+    MMDiT (SD3) a 1xCx8x8 latent, a 16-token context and the pooled vector `y`, sized from the
+    loaded model's shape-derived config."""
+    import torch
+    cfg = getattr(mp.model.model_config, "unet_config", {})
+    if type(mp.model).__name__ == "SD3":
+        ctx_in = cfg["context_embedder_config"]["params"]["in_features"]
+        return (torch.randn(1, cfg.get("in_channels", 16), 8, 8, generator=g),
+                {"context": torch.randn(1, 16, ctx_in, generator=g),
+                 "y": torch.randn(1, cfg["adm_in_channels"], generator=g)})
+    return torch.randn(1, 4, 8, 8, generator=g), {"context": torch.randn(1, 77, 768, generator=g)}
+
+
 def check_forward(a, paths):
-    """One UNet call (1x4x8x8 latent, t=500, random 77x768 context) per model; rel. diff vs source."""
+    """One diffusion-model call (t=500, seeded random inputs: `_forward_inputs`) per model;
+    rel. L2 difference of each output vs the first (the source). With --unet-only every
+    safetensors file is loaded by load_diffusion_model (UNETLoader)."""
     import gc
     import torch
     cap, stub = setup_comfy(a.comfyui)
     import comfy.sd
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 768, generator=g)
     ts = torch.tensor([500.0])
     outs = {}
     for p in paths:
         if p.endswith(".gguf"):
             mp, _ = _gguf_load(a, p)
-        elif "fp8" in os.path.basename(p):
+        elif a.unet_only or "fp8" in os.path.basename(p):
             mp = comfy.sd.load_diffusion_model(p)
         else:
             mp = comfy.sd.load_checkpoint_guess_config(p, output_vae=False, output_clip=False)[0]
         dm = mp.model.diffusion_model
         dt = mp.model.get_dtype() if mp.model.manual_cast_dtype is None else mp.model.manual_cast_dtype
+        x, kw = _forward_inputs(mp, torch.Generator().manual_seed(0))
         with torch.no_grad():
-            outs[p] = dm(x.to(dt), ts, context=ctx.to(dt)).float()
+            outs[p] = dm(x.to(dt), ts, **{k: v.to(dt) for k, v in kw.items()}).float()
         del mp, dm
         gc.collect()
     ref = outs[paths[0]]
@@ -269,7 +326,10 @@ def plan(a):
     if a.unet_only:
         p = [("comfy_unet", o(s + ".safetensors")) for s in ("fp16", "fp8-e4m3fn", "fp8-scaled-sw", "fp8-scaled-cq")]
         p += [("gguf_unet", o(s + ".gguf")) for s in ("Q8_0", "Q4_K_S", "sdcpp-Q8_0")]
-        return [(k, f) for k, f in p if os.path.exists(f)]
+        p = [(k, f) for k, f in p if os.path.exists(f)]
+        if a.forward:
+            p += [("forward", [a.source] + [f for _, f in p])]
+        return p
     p = [("comfy_ckpt", a.source), ("comfy_ckpt", o("fp16.safetensors"))]
     for s in ("fp8-e4m3fn", "fp8-scaled-sw", "fp8-scaled-cq"):
         p += [("comfy_ckpt", o(s + ".safetensors")), ("comfy_unet", o(s + ".safetensors"))]
@@ -289,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--source", required=True, help="the fp32 source checkpoint the outputs came from")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--stem", default="sd15")
-    ap.add_argument("--forward", action="store_true", help="also run one UNet forward per model")
+    ap.add_argument("--forward", action="store_true", help="also run one diffusion-model forward per model")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--only", help="regex: run only checks whose 'kind file' matches")
     ap.add_argument("--unet-only", action="store_true",
@@ -321,7 +381,7 @@ def main(argv=None):
             results.append({"check": kind, "files": paths, "ok": False, "error": f"not found: {missing}"})
             continue
         cmd = [sys.executable, os.path.abspath(__file__), a.comfyui, "--gguf-node", a.gguf_node,
-               "--source", a.source, "--out-dir", a.out_dir, "--stem", a.stem, "--one", kind, "--path", *paths]
+               "--source", a.source, "--out-dir", a.out_dir, "--stem", a.stem, "--one", kind, "--path", *paths] + (["--unet-only"] if a.unet_only else [])
         print(f"== {label}", file=sys.stderr, flush=True)
         t0 = time.time()
         cp = subprocess.run(cmd, capture_output=True, text=True)

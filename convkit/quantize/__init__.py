@@ -30,14 +30,17 @@ __all__ = ["quantize", "QuantizeResult", "parse_target", "target_names", "plan_q
 
 
 def _logical_input(raw_view, notes: list[str]):
-    """The input with single-file names (a diffusers folder is mapped, fused tensors assembled
-    on load), and its detection."""
+    """The input with single-file names (a diffusers folder or a diffusers-named model file is
+    mapped through the key map, fused tensors assembled on load), and its detection."""
     src = raw_view
-    if raw_view.format == "diffusers":
+    det = archs.detect(raw_view)
+    if raw_view.format == "diffusers" or det.layout.naming == "diffusers":
         from .diffusers_in import SingleFileView
 
-        src = SingleFileView(raw_view, archs.detect(raw_view))
-        notes.append("input is a diffusers folder: its tensors are mapped to single-file "
+        src = SingleFileView(raw_view, det)
+        what = "a diffusers folder" if raw_view.format == "diffusers" else \
+            f"in diffusers names ({det.layout.name})"
+        notes.append(f"input is {what}: its tensors are mapped to single-file "
                      "names (fused tensors assembled on load)")
     what = raw_view.describe_encoding()
     if what:

@@ -192,11 +192,14 @@ class GGUFTyper:
                 return GGUFDecision(name, src_dtype, stored, orig, "not a float tensor")
             small = is_small(shape, self.rules)
             keep = self.rules.kept(section, name)
+            ndims = getattr(self.rules, section).get("ndims")     # ranks that are quantized
             if small:
                 qtype, reason = "F32", f"kept: {small}"
-            elif keep:
+            elif keep or (ndims and len(shape) not in ndims):
                 qtype = "BF16" if "BF16" in (src_dtype, self.base) else "F16"
-                reason = f"kept: {self.rules.family} rule /{keep}/"
+                reason = (f"kept: {self.rules.family} rule /{keep}/" if keep else
+                          f"kept: {len(shape)}-D ({self.rules.family} quantizes "
+                          f"{'/'.join(map(str, ndims))}-D tensors only)")
             else:
                 qtype, reason = self._mix_type(name)
         row = stored[-1] if stored else 1
