@@ -18,6 +18,7 @@ import torch
 
 from . import archs, data
 from .errors import UsageError
+from .layouts.folder import tokenizer_folder
 from .loading import load_component, resolve_config
 from .sources import open_source
 
@@ -37,10 +38,24 @@ def _component_config(folders: list[Path], comp: str) -> tuple[dict | None, str]
     return None, ""
 
 
+def pipeline_slots(arch: archs.Arch) -> list[str]:
+    """The pipeline constructor's arguments a model fills or leaves empty, from
+    ``formats/<arch>.toml``: every component, each text encoder's tokenizer (text_encoder_3 ->
+    tokenizer_3) and the optional slots the released model_index.json writes [null, null]
+    (``[model_index] absent``: safety checker, IP-Adapter image encoder, ...). A stage that
+    loads one family of components passes None for the others."""
+    slots: list[str] = []
+    for c in arch.components.values():
+        slots.append(c.name)
+        if c.kind == "text_encoder":
+            slots.append(tokenizer_folder(c.name))
+    return slots + [a for a in arch.model_index.get("absent", []) if a not in slots]
+
+
 def tokenizer_for(arch: archs.Arch, comp: str, folders: list[Path]):
     from transformers import AutoTokenizer
 
-    folder_name = comp.replace("text_encoder", "tokenizer")
+    folder_name = tokenizer_folder(comp)
     for f in folders:
         if (f / folder_name).is_dir():
             return AutoTokenizer.from_pretrained(str(f / folder_name), local_files_only=True)
@@ -150,15 +165,12 @@ def pipeline_for(path, *, base=None, config_from=None, dtype: torch.dtype = torc
             kwargs[comp], _ = load_component(s, d, comp, dtype=dtype, keep_stored=keep_stored,
                                              resolved=r)
             if kind == "text_encoder":
-                kwargs[comp.replace("text_encoder", "tokenizer")] = tokenizer_for(arch, comp,
-                                                                                  folders)
+                kwargs[tokenizer_folder(comp)] = tokenizer_for(arch, comp, folders)
     kwargs["scheduler"] = scheduler_for(arch, folders, scheduler_class,
                                         **(scheduler_overrides or {}))
     cls = getattr(diffusers, arch.pipeline)
     params = inspect.signature(cls.__init__).parameters
-    for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                "tokenizer_3", "unet", "transformer", "vae", "image_encoder",
-                "feature_extractor", "safety_checker"):
+    for opt in pipeline_slots(arch):
         if opt in params and opt not in kwargs:
             kwargs[opt] = None
     kwargs.update(arch.pipeline_config)

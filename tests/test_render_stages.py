@@ -7,24 +7,34 @@ import numpy as np
 import pytest
 import torch
 
-from convkit import tiny
+from convkit import archs, tiny
 from convkit.render import pipeline_for
 from convkit.verify.models import ModelRef
 from convkit.verify.prompts import Prompt
 from convkit.verify.renderer import _Renderer, to_pixels
-from convkit.verify.settings import RenderSettings
+from convkit.verify.settings import RenderSettings, settings_for
 
 pytestmark = pytest.mark.xdist_group("render-stages")
 
 
-# every architecture; classifier-free guidance (negative embeddings through the stages) where
-# the pipeline has it, Flux dev's embedded guidance, and SDXL at guidance 0 (no negatives)
+# every pipeline family; classifier-free guidance (negative embeddings through the stages)
+# where the pipeline has it, Flux dev's embedded guidance, SDXL and SD3.5 Large Turbo at
+# guidance 0 (no negatives). SD3 medium and SD3.5 large are the SD3.5 medium case's family (the
+# same pipeline and components; their MMDiTs differ in config: no dual attention, no q/k norm).
 CASES = [("sd15", 3.0), ("sdxl", 0.0), ("sdxl", 3.0), ("sdxl_refiner", 3.0), ("flux_dev", 3.5),
-         ("flux_schnell", 0.0)]
+         ("flux_schnell", 0.0), ("sd35_medium", 4.5), ("sd35_large_turbo", 0.0)]
+
+
+def _family(name: str):
+    """What decides how a render is staged: the pipeline class and its components' key maps
+    (formats/<arch>.toml)."""
+    a = archs.get(name)
+    return a.pipeline, tuple(sorted((c.name, c.keymap) for c in a.components.values()))
 
 
 def test_cases_cover_every_architecture():
-    assert {a for a, _ in CASES} == set(tiny.ARCHS)
+    covered = {_family(a) for a, _ in CASES}
+    assert [a for a in tiny.ARCHS if _family(a) not in covered] == []
 
 
 @pytest.mark.parametrize(("arch", "guidance"), CASES)
@@ -32,8 +42,9 @@ def test_staged_render_equals_one_pipeline_call(arch, guidance, tmp_path):
     model = tiny.build(arch, seed=5)
     folder = tiny.save_diffusers(model, tmp_path / "model")
     size = 32
-    s = RenderSettings("euler-trailing" if "flux" not in arch else "flow-euler", 2, guidance,
-                       size, size)
+    # each architecture's own sampler (formats/verify/render.toml: flow-matching Euler for
+    # Flux and SD3, with the model's shift)
+    s = RenderSettings(settings_for(arch, None).sampler, 2, guidance, size, size)
     prompts = [(Prompt("a", 11, "a red circle on a blue background"), 11),
                (Prompt("b", 12, "a green square"), 12)]
     r = _Renderer(ModelRef(folder), s, tmp_path)

@@ -12,9 +12,10 @@ import torch
 from convkit import archs, tiny
 from convkit.layouts.assemble import assemble
 from convkit.layouts.split import split
+from convkit.layouts.targets import part_of
 from convkit.sources import open_source
 
-ARCHS = ["sd15", "sdxl", "sdxl_refiner", "flux_dev"]
+ARCHS = ["sd15", "sdxl", "sdxl_refiner", "flux_dev", "sd35_large", "sd35_medium"]
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +44,22 @@ def test_comfyui_parts_take_the_names_comfyui_loads(tmp_path, singles, arch):
     split(singles[arch], out, "comfyui", name="m")
     files = _files(out)
     a = archs.get(arch)
-    has = {a.components[c].keymap for c in a.components}
+    has = {part_of(a, c) for c in a.components}
     assert "diffusion_models/m.safetensors" in files and "vae/m_vae.safetensors" in files
-    # UNETLoader: SGM/BFL names (model_detection.unet_prefix_from_state_dict strips a prefix,
-    # none is written); the architecture is still detected from them
+    # UNETLoader: SGM/BFL/MMDiT reference names (model_detection.unet_prefix_from_state_dict
+    # strips a prefix, none is written); the architecture is still detected from them
     keys, md = _keys(out / "diffusion_models/m.safetensors")
     det = archs.detect(open_source(out / "diffusion_models/m.safetensors"))
-    assert det.arch.name == arch and det.layout.name in ("sgm-unet", "bfl")
+    assert det.arch.name == arch and det.layout.name in ("sgm-unet", "bfl", "mmdit")
     assert md["convkit.part"] == f"{arch}/{a.diffusion_component}"
-    # load_clip / detect_te_model: unprefixed transformers names
+    # load_clip / detect_te_model: unprefixed transformers names (SD3's CLIP-L with its
+    # projection, CLIPTextModelWithProjection)
     if "clip_l" in has:
         keys, _ = _keys(out / "text_encoders/m_clip_l.safetensors")
         assert "text_model.encoder.layers.0.mlp.fc1.weight" in keys
-        assert all(k.startswith("text_model.") for k in keys)
-    if "openclip" in has:
+        assert all(k.startswith("text_model.") for k in keys - {"text_projection.weight"})
+        assert ("text_projection.weight" in keys) == (arch.startswith("sd3"))
+    if "clip_g" in has:
         keys, _ = _keys(out / "text_encoders/m_clip_g.safetensors")
         assert "text_model.encoder.layers.0.mlp.fc1.weight" in keys
         assert "text_projection.weight" in keys
@@ -66,6 +69,15 @@ def test_comfyui_parts_take_the_names_comfyui_loads(tmp_path, singles, arch):
     # VAE(sd): LDM names without prefix
     keys, _ = _keys(out / "vae/m_vae.safetensors")
     assert "decoder.conv_in.weight" in keys and "decoder.mid.attn_1.q.weight" in keys
+    # SD3: the MMDiT in bare reference names (detect_unet_config: joint_blocks -> mmdit), the
+    # 16-channel VAE without quant_conv, the three text encoders for TripleCLIPLoader
+    if arch.startswith("sd3"):
+        assert "quant_conv.weight" not in keys
+        keys, _ = _keys(out / "diffusion_models/m.safetensors")
+        assert "joint_blocks.0.x_block.attn.qkv.weight" in keys and "pos_embed" in keys
+        assert not any(k.startswith("model.diffusion_model.") for k in keys)
+        assert [p["loader"].split()[0] for p in json.loads(
+            (out / "manifest.json").read_text())["parts"]][1:4] == ["TripleCLIPLoader"] * 3
     # the manifest: every file, its size and sha256
     m = json.loads((out / "manifest.json").read_text())
     assert m["architecture"] == arch and m["target"] == "comfyui"
@@ -118,7 +130,28 @@ def test_split_then_assemble_is_bit_exact(tmp_path, singles, arch, target):
                                b.load(k).reshape(-1).view(torch.uint8)), k
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "flux_dev"])
+def test_sd3_for_sdcpp_and_forge_every_text_encoder_in_a_file_of_its_own(tmp_path, singles):
+    """sd.cpp docs/sd3.md: --clip_l --clip_g --t5xxl next to the model (--diffusion-model adds
+    model.diffusion_model.); Forge sd35.py: the checkpoint with model.diffusion_model. names,
+    each text encoder unconverted in models/text_encoder."""
+    r = split(singles["sd35_large"], tmp_path / "sdcpp", "sdcpp", name="s")
+    assert ("load with: sd-cli --diffusion-model s.safetensors --clip_l s_clip_l.safetensors "
+            "--clip_g s_clip_g.safetensors --t5xxl s_t5xxl.safetensors --vae s_vae.safetensors"
+            ) in r.plan.notes
+    keys, _ = _keys(tmp_path / "sdcpp/s_clip_g.safetensors")
+    assert "text_projection.weight" in keys and "text_model.final_layer_norm.weight" in keys
+    split(singles["sd35_large"], tmp_path / "forge", "forge", name="s")
+    assert _files(tmp_path / "forge") == [
+        "Stable-diffusion/s.safetensors", "VAE/s_vae.safetensors", "manifest.json",
+        "text_encoder/s_clip_g.safetensors", "text_encoder/s_clip_l.safetensors",
+        "text_encoder/s_t5xxl.safetensors"]
+    keys, _ = _keys(tmp_path / "forge/Stable-diffusion/s.safetensors")
+    # backend/loader.py sd3_test_key
+    assert "model.diffusion_model.final_layer.adaLN_modulation.1.bias" in keys
+    assert all(k.startswith("model.diffusion_model.") for k in keys)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux_dev", "sd35_large"])
 def test_every_part_is_recognised_by_inspect(tmp_path, singles, arch):
     from convkit.inspection import inspect as inspect_path
 

@@ -71,8 +71,15 @@ def resolve_part(src, arch: archs.Arch, part: str, path: str) -> Source:
         raise InputFormatError(f"{flag(part)}: not a {part_names()[part]['title']} convkit "
                                "recognises (no known key names)", path=path)
     spec = part_names()[part]
-    if m.kind not in spec["keymaps"]:
-        raise UsageError(f"{flag(part)} is a {m.title}, not a {spec['title']}", path=path)
+    # the component decides which key map reads the file (its own part name, or the part's
+    # table); names several maps read (transformers CLIP with projection: SDXL's CLIP-G, SD3's
+    # CLIP-L and CLIP-G) fit each of them (PartMatch.also)
+    keymap = arch.components[comp].keymap
+    if keymap not in {m.kind, *(k for k, _ in m.also)}:
+        from .parts import rules
+
+        raise UsageError(f"{flag(part)} is a {m.title}; {arch.title}'s {comp} is a "
+                         f"{rules().kind_titles.get(keymap, spec['title'])} ({keymap})", path=path)
     if (arch.name, comp) not in m.archs:
         others = sorted({archs.get(a).title for a, _ in m.archs})
         raise UsageError(f"{flag(part)} is the {m.title} of {', '.join(others)}; --unet is "
