@@ -18,6 +18,7 @@ from convkit.quantize import quantize
 from convkit.quantize.gguf_out import gguf_header
 from convkit.quantize.rules import GGUFTyper, TypeRule, rules_for
 from convkit.sources import open_source
+from tests.gguf_helpers import field as _field
 
 # relative RMSE bounds per GGML type on the tiny models' randn*0.02 weights
 BOUND = {"F32": 0.0, "F16": 1e-3, "BF16": 5e-3, "Q8_0": 0.01, "Q6_K": 0.03, "Q5_K": 0.05,
@@ -30,17 +31,6 @@ def checkpoint(arch: str) -> Path:
     d = Path(tempfile.mkdtemp(prefix="convkit-q-"))
     return tiny.save_single_file(tiny.build(arch, 0), d / f"{arch}.safetensors", torch.float32,
                                  layout="bfl" if arch.startswith("flux") else "sgm")
-
-
-def _field(r: gguf.GGUFReader, key: str):
-    f = r.get_field(key)
-    if f is None:
-        return None
-    if f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode()
-    if f.types[0] == gguf.GGUFValueType.ARRAY:
-        return [int(f.parts[i][0]) for i in f.data]
-    return f.parts[f.data[0]].tolist()[0]
 
 
 def _source_model(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from convkit import tiny
 from convkit.quantize import quantize
 from convkit.quantize.rules import GGUFTyper, block_size, gguf_fallback, rules_for
 from convkit.sources import open_source
+from tests.gguf_helpers import field as _field
 
 PREFIX = "model.diffusion_model."
 ARCHS = ("sd35_large", "sd35_medium")
@@ -49,15 +50,6 @@ def source(arch: str) -> dict[str, torch.Tensor]:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
-
-
-def _field(r: gguf.GGUFReader, key: str):
-    f = r.get_field(key)
-    if f is None:
-        return None
-    if f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode()
-    return f.parts[f.data[0]].tolist()[0]
 
 
 def _check_view(out: Path, res, ref: dict[str, torch.Tensor], names: dict[str, str],

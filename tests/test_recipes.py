@@ -213,10 +213,11 @@ def test_killed_run_leaves_no_partial_file_and_rerun_completes(recipe_env, tmp_p
 
 # flux-lowvram: every variant is made, two of them rendered (the others' kinds are tested in
 # test_verify)
-TRIM = {"flux-lowvram": ["--set", 'artifacts.verify.artifacts=["@nf4", "@q4ks"]']}
+TRIM = {"flux-lowvram": ["--set", 'artifacts.verify.artifacts=["@nf4", "@q4ks"]'],
+        "sd35-gguf": ["--set", 'artifacts.verify.artifacts=["@q4ks", "@q4_0"]']}
 
 
-@pytest.mark.parametrize("name", ["extract-lora", "comfyui-split", "flux-lowvram"])
+@pytest.mark.parametrize("name", ["extract-lora", "comfyui-split", "flux-lowvram", "sd35-gguf"])
 def test_shipped_recipe_runs_on_the_demo_model(name, recipe_env, tmp_path):
     out = tmp_path / name
     code, text = run("run", name, "-o", out, "--json", "--set",
@@ -237,6 +238,16 @@ def test_shipped_recipe_runs_on_the_demo_model(name, recipe_env, tmp_path):
     if name == "flux-lowvram":
         kinds = {a["kind"] for a in rec["artifacts"]["verify"]["summary"]["artifacts"]}
         assert kinds == {"int4"} and len(rec["artifacts"]) == 6
+    if name == "sd35-gguf":
+        # SD3.5 Large's rows fit no K-quant block: Q4_K_S falls back per tensor to legacy types
+        # (never F16), while Q4_0 has no fallback at all
+        from convkit.inspection import inspect
+
+        q4ks = inspect(out / "tiny-sd3.5_large-Q4_K_S.gguf")["storage"]
+        assert "Q5_0" in q4ks and "Q4_K" in q4ks
+        assert set(inspect(out / "tiny-sd3.5_large-Q4_0.gguf")["storage"]) <= {"Q4_0", "F32", "F16"}
+        names = {p.name for p in (out / "ComfyUI/models/text_encoders").iterdir()}
+        assert names == {f"tiny-sd3.5_large_{t}.safetensors" for t in ("clip_l", "clip_g", "t5xxl")}
 
 
 def test_failed_gate_fails_the_run_and_says_which(recipe_env, tmp_path):

@@ -10,6 +10,7 @@ Nothing is downloaded: tokenizers are built locally from a byte-level vocabulary
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from dataclasses import dataclass, field
@@ -227,13 +228,33 @@ def save_diffusers(tiny: TinyModel, folder, dtype: torch.dtype = torch.float32, 
     if dtype != torch.float32:
         tiny = build_copy(tiny)
     pipe = pipeline(tiny, dtype)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    with _no_save_progress():
+        pipe.save_pretrained(str(folder), safe_serialization=True)
     fix_modes(folder)
     if not weights:
         for p in folder.rglob("*"):
             if p.is_file() and p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"):
                 p.unlink()
     return folder
+
+
+@contextlib.contextmanager
+def _no_save_progress():
+    """save_pretrained's "Writing model shards" bars would interleave with convkit's own lines
+    (the demo's, a recipe's progress); restored afterwards."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
 
 
 def build_copy(tiny: TinyModel) -> TinyModel:
