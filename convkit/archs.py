@@ -24,6 +24,9 @@ class Component:
     tokenizer: str = ""  # a text encoder's tokenizer kind (formats/tokenizers: clip_l, clip_g; t5)
     part: str = ""       # its split/assemble part name when the key map does not say it
                          # (formats/layouts/part_names.toml; SD3's two clip_proj encoders)
+    #: diffusers names a file may lack, and what they are then ({"identity_of": name, "dim": d}:
+    #: an identity matrix as wide as that tensor's dim d)
+    fill: dict = field(default_factory=dict)
 
     def is_buffer(self, key: str) -> bool:
         return key.endswith(self.buffers) if self.buffers else False
@@ -79,7 +82,7 @@ class Arch:
 def _parse(d: dict, filename: str) -> Arch:
     comps = {n: Component(n, c["kind"], tuple(c.get("aliases", [])), c.get("params"),
                           c.get("keymap", ""), tuple(c.get("buffers", [])), c.get("tokenizer", ""),
-                          c.get("part", ""))
+                          c.get("part", ""), dict(c.get("fill", {})))
              for n, c in d["components"].items()}
     layouts = tuple(Layout(x["name"], x["naming"], dict(x["prefixes"]), x.get("folder", False),
                            x.get("title", "")) for x in d["layouts"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import configs, keymap
+from . import configs, dtypes, keymap
 from .errors import InputFormatError, UsageError
 from .keymap import _bwd
 from .models import align_names, meta_model
@@ -31,6 +31,7 @@ class DTensor:
     transform: str | None = None    # keymap transform single file -> diffusers
     part: tuple[int, int] | None = None   # rows [a, b) of the (transformed) fused source tensor
     src_bytes: int = 0
+    fill: str = ""                  # made, not read (key ""): "identity" (formats/<arch>.toml fill)
 
 
 def component_tensors(src, det, comp: str) -> list[DTensor]:
@@ -61,12 +62,36 @@ def component_tensors(src, det, comp: str) -> list[DTensor]:
             n = rows[1] - rows[0]
             out.append(DTensor(name, k, (n, *shape[1:]), info.dtype, transform, rows,
                                src_bytes=info.nbytes * n // max(shape[0], 1)))
+    return out + _fills(det.arch.components[comp], out)
+
+
+def _fills(spec, tensors: list[DTensor]) -> list[DTensor]:
+    """Weights the architecture's data says a file may lack and what they are then
+    (formats/<arch>.toml ``fill``: SD3's CLIP-L text_projection, an identity SAI files leave out)."""
+    have = {t.name: t for t in tensors}
+    out = []
+    for name, rule in spec.fill.items():
+        if name in have or not have:
+            continue
+        like = have.get(rule["identity_of"])
+        if like is None:
+            continue
+        n = like.shape[int(rule.get("dim", 0))]
+        out.append(DTensor(name, "", (n, n), like.dtype, fill="identity"))
     return out
+
+
+def fill_value(t: DTensor) -> torch.Tensor:
+    if t.fill == "identity":
+        return torch.eye(*t.shape, dtype=dtypes.to_torch(t.dtype))
+    raise ValueError(f"unknown fill {t.fill!r}")
 
 
 def load_tensor(src, t: DTensor, loaded: torch.Tensor | None = None) -> torch.Tensor:
     """The logical (decoded) value of one diffusers-named tensor (``loaded``: its source
     tensor, already read)."""
+    if t.fill:
+        return fill_value(t)
     v = _bwd(t.transform, src.load(t.key) if loaded is None else loaded)
     return v if t.part is None else v[t.part[0]:t.part[1]]
 
@@ -167,6 +192,10 @@ def load_component(src, det, comp: str, *, config: dict | None = None,
     sd = {}
     last_key, last, stored = None, None, None
     for t in tensors:
+        if t.fill:
+            v = fill_value(t)
+            sd[names[t.name]] = v.to(dtype) if v.is_floating_point() else v
+            continue
         # the parts of a fused tensor (Flux qkv) are consecutive: read the source once
         if keep_stored:
             if t.key != last_key:

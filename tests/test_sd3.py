@@ -101,3 +101,27 @@ def test_transformer_config_inferred_from_shapes():
     assert "inferred" in r.source
     assert (r.config["num_layers"], r.config["dual_attention_layers"], r.config["qk_norm"],
             r.config["pos_embed_max_size"]) == (3, [0, 1], "rms_norm", 12)
+
+
+def test_sai_file_without_clip_l_projection(files, tmp_path):
+    """SAI's single files leave out CLIP-L's text_projection (SD3 uses the pooled output
+    unprojected): a diffusers folder made from one gets the identity the model uses, and so does
+    the module convkit builds for a render."""
+    import diffusers
+
+    from convkit.convert import convert
+    from convkit.loading import load_component
+
+    m, _, _ = files["sd35_large"]
+    sd = tiny.state_dict_single_file(m)
+    sd.pop("text_encoders.clip_l.transformer.text_projection.weight")
+    p = tiny.save_state_dict(sd, tmp_path / "sai.safetensors")
+    r = convert(p, tmp_path / "folder", "fp32", layout="diffusers")
+    assert any("identity" in n for n in r.plan.notes)
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "folder"))
+    eye = torch.eye(m.components["text_encoder"].config.hidden_size)
+    assert torch.equal(pipe.text_encoder.text_projection.weight, eye)
+    assert torch.equal(m.components["text_encoder"].text_projection.weight, eye)   # the tiny's
+    with open_source(p) as src:
+        te, _ = load_component(src, archs.detect(src), "text_encoder")
+    assert torch.equal(te.text_projection.weight, eye)

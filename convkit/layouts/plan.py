@@ -23,7 +23,7 @@ from ..casts import CastContext
 from ..engine import Item, Out, Src
 from ..engine.ops import Cast, Const, Rows, Transform
 from ..keymap import _bwd, _fwd
-from ..loading import component_tensors
+from ..loading import component_tensors, fill_value
 
 EXTRAS_KEY = "convkit.single_file_extras"
 # transformers 5 names CLIPTextModel's weights without "text_model."; every released diffusers
@@ -124,7 +124,11 @@ def _to_diffusers(src, det, inp, place, ctx, notes) -> list[Item]:
     comp = place.comp
     kind = det.arch.components[comp].keymap
     by_key: dict[str, list] = {}
+    fills = {}
     for t in component_tensors(src, det, comp):
+        if t.fill:
+            fills[t.name] = fill_value(t)
+            continue
         by_key.setdefault(t.key, []).append(t)
     name = (lambda n: n if n.startswith(CLIP_L_SPELLING) else CLIP_L_SPELLING + n) \
         if _clip_spelling(kind) else (lambda n: n)
@@ -147,6 +151,12 @@ def _to_diffusers(src, det, inp, place, ctx, notes) -> list[Item]:
         else:
             items.append(_item(Transform(lambda it, xs, tr=tr: _bwd(tr, xs[0]), ctx, tr), inp,
                                key, outs, info, comp))
+    if fills:
+        values = {place.prefix + name(n): v.to(dtypes.to_torch(_target(place, dtypes.from_torch(v.dtype))))
+                  for n, v in fills.items()}
+        items.append(_const(values, place, comp))
+        notes.append(f"{comp}: {', '.join(fills)} not in the input; written as the identity "
+                     "the model uses in its place (formats/<arch>.toml fill)")
     extras = _read_extras(src, det, comp)
     if extras:
         place.metadata[EXTRAS_KEY] = json.dumps(extras, separators=(",", ":"))
