@@ -20,19 +20,21 @@ import torch
 DATA = Path(os.environ.get("CONVKIT_BENCH_DATA", Path(__file__).parent / "data"))
 
 
-def full_size_checkpoint(arch: str = "sdxl", dtype: str = "F32") -> Path:
+def full_size_checkpoint(arch: str = "sdxl", dtype: str = "F32", layout: str | None = None) -> Path:
     """A full-size checkpoint with the real single-file key names and shapes, random values.
 
-    Generated once (streaming, through convkit's own writer) and kept in bench/data/.
+    ``layout``: one of the architecture's layouts (e.g. ``mmdit``, the SD3 transformer alone);
+    default its single file. Generated once (streaming, through convkit's own writer) and kept
+    in bench/data/.
     """
     from convkit.tiny.full_size import full_size_shapes
     from convkit.writer import OutSpec, SafetensorsWriter
 
     DATA.mkdir(parents=True, exist_ok=True)
-    path = DATA / f"{arch}_full_{dtype.lower()}.safetensors"
+    path = DATA / f"{arch}_{layout or 'full'}_{dtype.lower()}.safetensors"
     if path.exists():
         return path
-    shapes = full_size_shapes(arch)
+    shapes = full_size_shapes(arch, layout)
     specs = [OutSpec(k, "I64" if k.endswith("position_ids") else dtype, tuple(s))
              for k, s in shapes.items()]
     total = sum(s.nbytes for s in specs)

@@ -53,9 +53,14 @@ def finite_range(x: torch.Tensor) -> tuple[bool, float]:
     return math.isfinite(lo) and math.isfinite(hi), max(-lo, hi)
 
 
-def _f32(x: torch.Tensor) -> np.ndarray:
+def _f32(x: torch.Tensor, worker=None) -> np.ndarray:
+    """``x`` as a flat float32 array; converted into the worker's reusable buffer when it has
+    one (a fresh float32 copy of a whole tensor is an mmap of its own in a worker thread, whose
+    page faults cost more system time than reading the file: bench/sd3.py)."""
     x = x.reshape(-1)
     if x.dtype != torch.float32:
+        if worker is not None:
+            return worker.tensor("f32", "F32", x.numel()).copy_(x).numpy()
         x = x.float()
     return x.contiguous().numpy()
 
@@ -109,9 +114,7 @@ class FP8Op(Measured):
         self._max = np.float32(fp8.fmax(qtype))
 
     def run(self, item, worker, start, count, xs):
-        from ..kernels.dequant import fp8_decode
-
-        xn = _f32(xs[0])
+        xn = _f32(xs[0], worker)
         xt = torch.from_numpy(xn)
         o = item.outs[0]
         out = worker.buffer("out0", xn.size)
@@ -125,9 +128,9 @@ class FP8Op(Measured):
             w8.copy_(xt.clamp(-m, m))
         else:
             w8.copy_(xt)        # torch's cast: the bytes of w.to(float8)
-        deq = worker.tensor("deq", "F32", xn.size)
-        fp8_decode(self.qtype, out.numpy(), deq.numpy())
-        self.keep(item, start, err_sums(deq, xt), xn.size)
+        # the stored values' error (code -> lut, as fp8_decode decodes them) in one fused pass
+        self.keep(item, start, fo.err_lut_kernel(xn, out.numpy(), self._lut, np.float32(1.0)),
+                  xn.size)
         return [(o, start if count is not None else 0, out)]
 
 
@@ -140,6 +143,7 @@ class ScaledFP8Op(Measured):
     def __init__(self, qtype: str, report, path=None):
         super().__init__(report, path)
         self.qtype = qtype
+        self._lut = fp8._lut(qtype)
 
     def granule(self, item):
         return 0
@@ -148,11 +152,7 @@ class ScaledFP8Op(Measured):
         return item.qtype + "*s"
 
     def run(self, item, worker, start, count, xs):
-        from ..kernels.dequant import fp8_decode
-
-        xt = xs[0].reshape(-1)
-        if xt.dtype != torch.float32:
-            xt = xt.float()
+        xt = torch.from_numpy(_f32(xs[0], worker))
         n = xt.numel()
         ok, amax = finite_range(xt)
         if not ok:
@@ -166,9 +166,10 @@ class ScaledFP8Op(Measured):
         tmp.clamp_(-m, m)
         out = worker.buffer("out0", n)
         out.view(dtypes.to_torch(self.qtype)).copy_(tmp)
-        deq = tmp                     # reused: the stored values decoded, w8 * scale
-        fp8_decode(self.qtype, out.numpy(), deq.numpy(), float(scale))
-        self.keep(item, 0, err_sums(deq, xt), n)
+        # the error of the stored values (code -> lut * scale, as fp8_decode decodes them) in
+        # one fused pass instead of decode + four vectorised ones
+        self.keep(item, 0, fo.err_lut_kernel(xt.numpy(), out.numpy(), self._lut,
+                                             np.float32(scale.item())), n)
         writes = [(item.outs[0], 0, out), (item.outs[1], 0, as_bytes(scale))]
         if len(item.outs) > 2:
             writes.append((item.outs[2], 0, as_bytes(fp8.comfy_quant_blob(self.qtype))))
@@ -207,7 +208,7 @@ class BNB4Op(Measured):
             self.keep(item, 0, (sums.sd, sums.ss, sums.mx), sums.n)
             return [(o, 0, as_bytes(outs[o.key])) for o in item.outs]
         n_total = math.prod(item.shape)
-        xn = _f32(xs[0])
+        xn = _f32(xs[0], worker)
         m = xn.size
         bounds, order, code = nf4._bounds(self.quant_type)
         packed = worker.buffer("out0", (m + 1) // 2)
@@ -245,7 +246,7 @@ class GGUFBlocksOp(Measured):
         o = item.outs[0]
         q = o.dtype
         ncol = o.shape[-1]
-        xn = _f32(xs[0]).reshape(-1, ncol)
+        xn = _f32(xs[0], worker).reshape(-1, ncol)
         bs, ts = kernels.block_info(q)
         nbytes = xn.size // bs * ts
         out = worker.buffer("out0", nbytes).numpy().reshape(xn.shape[0], -1)
