@@ -23,7 +23,9 @@ from ..models import instantiate
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-#: every architecture with a tiny config (convkit/tiny/configs/<arch>.json)
+#: every architecture with a tiny config (convkit/tiny/configs/<arch>.json). A variant
+#: architecture (formats/<arch>.toml variant_of: SD3.5 Large Turbo) has its base's structure and
+#: is built from its base's tiny config (:func:`spec`), so it is not tested twice.
 ARCHS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))
 
 
@@ -45,7 +47,12 @@ class TinyModel:
 @functools.lru_cache(maxsize=None)
 def spec(arch: str) -> dict:
     if arch not in ARCHS:
+        from .. import archs
         from ..errors import UnknownNameError
+
+        base = archs.load_all().get(arch)
+        if base is not None and base.variant_of in ARCHS:
+            return spec(base.variant_of)
         raise UnknownNameError("tiny architecture", arch, ARCHS)
     with open(_CONFIG_DIR / f"{arch}.json") as f:
         return json.load(f)
