@@ -214,13 +214,13 @@ def pipeline(tiny: TinyModel, dtype: torch.dtype = torch.float32):
     kwargs["scheduler"] = _scheduler(s["scheduler"])
     import inspect
 
-    params = inspect.signature(cls.__init__).parameters
-    for opt in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                "tokenizer_3", "image_encoder",
-                "feature_extractor", "safety_checker"):
-        if opt in params and opt not in kwargs:
-            kwargs[opt] = None
+    # every pipeline slot the tiny model does not fill (the refiner's text_encoder, IP-Adapter
+    # and safety-checker slots) is None, whatever the pipeline class names them
     kwargs.update(s.get("pipeline_extra", {}))
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name != "self" and name not in kwargs and p.default is inspect.Parameter.empty \
+                and p.kind is p.POSITIONAL_OR_KEYWORD:
+            kwargs[name] = None
     return cls(**kwargs)
 
 
